@@ -1,0 +1,8 @@
+"""Pipelines: each prepares starting latents and runs the one shared denoising loop."""
+
+from .base import GenerationResult, Pipeline
+from .params import GenerationParams, read_png_params, save_png
+from .txt2img import TextToImage
+
+__all__ = ["GenerationParams", "GenerationResult", "Pipeline", "TextToImage", "read_png_params",
+           "save_png"]

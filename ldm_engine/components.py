@@ -1,0 +1,218 @@
+"""The three networks, the tokenizer and the schedule of an SD-style model; build, load and save.
+
+On disk a model is a diffusers folder (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``,
+``tokenizer/``, ``scheduler/``; configs as JSON, weights as safetensors), so anything diffusers
+saves loads here and what we save loads in diffusers. Nothing here ever contacts a model hub.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+# A model folder is always local; make sure no library below us tries a hub for a missing file.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import diffusers  # noqa: E402
+import safetensors.torch  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: E402
+from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
+
+from schedulers import ScheduleConfig, load_schedule_config  # noqa: E402
+
+from .configs import FAMILIES, ModelFamily  # noqa: E402
+from .errors import ModelFolderError  # noqa: E402
+from .formats import check_safetensors  # noqa: E402
+from .fsutil import atomic_dir  # noqa: E402
+from .tokenizer import SDTokenizer  # noqa: E402
+
+UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
+VAE_WEIGHTS = "vae/diffusion_pytorch_model.safetensors"
+TEXT_WEIGHTS = "text_encoder/model.safetensors"
+REQUIRED_FILES = (
+    "model_index.json",
+    "unet/config.json", UNET_WEIGHTS,
+    "vae/config.json", VAE_WEIGHTS,
+    "text_encoder/config.json", TEXT_WEIGHTS,
+    "scheduler/scheduler_config.json",
+)
+
+
+@dataclass
+class Components:
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: SDTokenizer
+    schedule: ScheduleConfig
+
+    @property
+    def vae_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_channels(self) -> int:
+        return self.unet.config.in_channels
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        for net in (self.unet, self.vae, self.text_encoder):
+            net.to(device=device, dtype=dtype)
+        return self
+
+    def eval(self) -> "Components":
+        for net in (self.unet, self.vae, self.text_encoder):
+            net.eval().requires_grad_(False)
+        return self
+
+
+def build_random(family: ModelFamily, *, seed: int = 0) -> Components:
+    """Randomly initialised networks of a family's architecture (float32, CPU, eval mode)."""
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**family.unet.to_diffusers())
+    vae = AutoencoderKL(**family.vae.to_diffusers())
+    text_encoder = CLIPTextModel(CLIPTextConfig(**family.text_encoder.to_transformers()))
+    tokenizer = SDTokenizer.from_bpe(pad=family.tokenizer_pad)
+    return Components(unet, vae, text_encoder, tokenizer, family.schedule).eval()
+
+
+def detect_family(unet_config: dict, text_config: dict) -> str:
+    """The family whose architecture matches, or 'custom' (any other SD-style shape still loads)."""
+    for fam in FAMILIES.values():
+        want = fam.unet
+        if (tuple(unet_config.get("block_out_channels", ())) == want.block_out_channels
+                and unet_config.get("cross_attention_dim") == want.cross_attention_dim
+                and text_config.get("hidden_size") == fam.text_encoder.hidden_size
+                and text_config.get("num_hidden_layers") == fam.text_encoder.num_hidden_layers):
+            return fam.name
+    return "custom"
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ModelFolderError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ModelFolderError(f"{path} must hold a JSON object")
+    return data
+
+
+def check_model_folder(path: str | os.PathLike) -> Path:
+    """Fail before any loading if the folder is missing a file, naming the first one missing."""
+    root = Path(path)
+    if not root.is_dir():
+        raise ModelFolderError(f"model folder not found: {root}")
+    for rel in REQUIRED_FILES:
+        if not (root / rel).is_file():
+            hint = ""
+            if rel.endswith(".safetensors") and any((root / rel).parent.glob("*.bin")):
+                hint = " (only a .bin pickle is there: convert it with `ldm convert`)"
+            raise ModelFolderError(f"incomplete model folder {root}: missing {rel}{hint}")
+    for rel in (UNET_WEIGHTS, VAE_WEIGHTS, TEXT_WEIGHTS):
+        check_safetensors(root / rel)
+    return root
+
+
+def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu",
+               dtype: torch.dtype = torch.float32) -> Components:
+    """Load a diffusers-layout SD folder from local disk (weights cast to dtype, eval mode)."""
+    root = check_model_folder(path)
+    unet_cfg = _read_json(root / "unet/config.json")
+    text_cfg = _read_json(root / "text_encoder/config.json")
+    # transformers draws a bar per load; loading a local folder is quick and the bar is noise.
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        unet = UNet2DConditionModel.from_pretrained(root / "unet", torch_dtype=dtype,
+                                                    local_files_only=True)
+        vae = AutoencoderKL.from_pretrained(root / "vae", torch_dtype=dtype, local_files_only=True)
+        text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", dtype=dtype,
+                                                     local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ModelFolderError(f"cannot load model folder {root}: {e}") from e
+    if (root / "tokenizer").is_dir():
+        tokenizer = SDTokenizer.from_folder(root / "tokenizer")
+    else:
+        # The tokenizer is a fixed, public vocabulary, so a folder without one is still usable.
+        fam = FAMILIES.get(detect_family(unet_cfg, text_cfg))
+        tokenizer = SDTokenizer.from_bpe(pad=fam.tokenizer_pad if fam else "eos")
+    try:
+        schedule = load_schedule_config(root / "scheduler/scheduler_config.json")
+    except ValueError as e:
+        raise ModelFolderError(str(e)) from e
+    return Components(unet, vae, text_encoder, tokenizer, schedule).to(device=device).eval()
+
+
+def vae_factor_of(path: str | os.PathLike) -> int:
+    """The VAE's spatial factor, read from a folder's config without loading any weights."""
+    root = check_model_folder(path)
+    return 2 ** (len(_read_json(root / "vae/config.json")["block_out_channels"]) - 1)
+
+
+def _save_weights(module: torch.nn.Module, file: Path, dtype: torch.dtype | None) -> None:
+    state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
+             for k, v in module.state_dict().items()}
+    # transformers refuses safetensors files whose metadata does not name the framework.
+    safetensors.torch.save_file(state, str(file), metadata={"format": "pt"})
+
+
+def model_index(schedule_class: str = "DDIMScheduler") -> dict:
+    return {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", schedule_class],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+
+
+def save_model(components: Components, path: str | os.PathLike, *, overwrite: bool = False,
+               dtype: torch.dtype | None = None) -> Path:
+    """Write a diffusers-layout folder atomically; weights optionally cast (e.g. fp16 to ship).
+
+    The folder is assembled under a temporary name and renamed into place, so an interrupted save
+    never leaves a half-written model where a good one was.
+    """
+    dest = Path(path)
+    with atomic_dir(dest, overwrite=overwrite) as tmp:
+        for sub, net, weights in (("unet", components.unet, UNET_WEIGHTS),
+                                  ("vae", components.vae, VAE_WEIGHTS)):
+            (tmp / sub).mkdir()
+            net.save_config(tmp / sub)
+            _save_weights(net, tmp / weights, dtype)
+        (tmp / "text_encoder").mkdir()
+        config = components.text_encoder.config
+        if dtype is not None:
+            config = CLIPTextConfig.from_dict(config.to_dict())
+            config.dtype = dtype
+        config.save_pretrained(tmp / "text_encoder")
+        _save_weights(components.text_encoder, tmp / TEXT_WEIGHTS, dtype)
+        components.tokenizer.save(tmp / "tokenizer")
+        (tmp / "scheduler").mkdir()
+        (tmp / "scheduler/scheduler_config.json").write_text(
+            json.dumps(components.schedule.to_dict("DDIMScheduler"), indent=2) + "\n")
+        (tmp / "model_index.json").write_text(json.dumps(model_index(), indent=2) + "\n")
+    return dest
+
+
+def parameter_counts(components: Components) -> dict[str, int]:
+    return {name: sum(p.numel() for p in net.parameters())
+            for name, net in (("unet", components.unet), ("vae", components.vae),
+                              ("text_encoder", components.text_encoder))}

@@ -1,0 +1,123 @@
+"""What every pipeline shares: text encoding, seeding, guidance set-up, VAE decoding, results."""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from ldm_engine.components import Components, load_model
+from ldm_engine.errors import UserInputError
+
+from .guidance import Guidance
+from .params import GenerationParams, save_png
+
+
+@dataclass
+class GenerationResult:
+    images: list[Image.Image]
+    pixels: torch.Tensor                 # (B, 3, H, W) float32 in [0, 1]
+    latents: torch.Tensor                # (B, C, h, w) final latents, before VAE scaling is undone
+    params: list[GenerationParams]       # one per image; seed is that image's own seed
+
+    def save(self, path: str | os.PathLike) -> list[Path]:
+        """Save PNGs with their parameters; several images become name-0.png, name-1.png, ..."""
+        path = Path(path)
+        if len(self.images) == 1:
+            paths = [path]
+        else:
+            paths = [path.with_name(f"{path.stem}-{k}{path.suffix or '.png'}")
+                     for k in range(len(self.images))]
+        for image, params, p in zip(self.images, self.params, paths):
+            save_png(image, p, params)
+        return paths
+
+
+def as_prompt_list(prompt: str | Sequence[str], what: str = "prompt") -> list[str]:
+    if isinstance(prompt, str):
+        return [prompt]
+    prompts = list(prompt)
+    if not prompts:
+        raise UserInputError(f"empty {what} list: give at least one {what}")
+    bad = [p for p in prompts if not isinstance(p, str)]
+    if bad:
+        raise UserInputError(f"every {what} must be a string, got {type(bad[0]).__name__}")
+    return prompts
+
+
+def make_generators(n: int, seed: int | None,
+                    generator: torch.Generator | Sequence[torch.Generator] | None
+                    ) -> tuple[list[torch.Generator], list[int]]:
+    """One CPU generator per image, and the seed each one stands for.
+
+    Image j of a seeded call uses seed + j, so image j of a batch equals a single generation with
+    seed + j (the AUTOMATIC1111 convention). A single user generator serves all images in turn.
+    """
+    if generator is not None:
+        gens = list(generator) if isinstance(generator, Sequence) else [generator] * n
+        if len(gens) != n:
+            raise UserInputError(f"got {len(gens)} generators for {n} images; pass one per image")
+        return gens, [g.initial_seed() for g in gens]
+    if seed is None:
+        seed = random.SystemRandom().randrange(2**32)
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise UserInputError(f"seed must be a non-negative integer, got {seed!r}")
+    seeds = [seed + j for j in range(n)]
+    return [torch.Generator("cpu").manual_seed(s) for s in seeds], seeds
+
+
+class Pipeline:
+    def __init__(self, components: Components, *, name: str = ""):
+        self.components = components.eval()
+        self.name = name
+
+    @classmethod
+    def from_folder(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu",
+                    dtype: torch.dtype = torch.float32):
+        return cls(load_model(path, device=device, dtype=dtype), name=Path(path).name)
+
+    @property
+    def device(self) -> torch.device:
+        return self.components.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.components.dtype
+
+    def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
+        """CLIP last hidden states (B, 77, D); each distinct text goes through the encoder once."""
+        unique = list(dict.fromkeys(texts))
+        ids = self.components.tokenizer(unique).to(self.device)          # (U, 77)
+        states = self.components.text_encoder(ids)[0]                    # (U, 77, D)
+        index = torch.tensor([unique.index(t) for t in texts], device=self.device)
+        return states.index_select(0, index)
+
+    def guidance(self, prompts: list[str], negatives: list[str], scale: float) -> Guidance:
+        if scale == 1.0:
+            return Guidance(scale, self.encode_text(prompts), None)
+        states = self.encode_text(prompts + negatives)
+        n = len(prompts)
+        return Guidance(scale, states[:n], states[n:])
+
+    def unet_fn(self, x: torch.Tensor, t: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        return self.components.unet(x, t, encoder_hidden_states=states, return_dict=False)[0]
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> images in [0, 1], (B, 3, H, W) float32."""
+        vae = self.components.vae
+        z = latents / vae.config.scaling_factor
+        if getattr(vae.config, "shift_factor", None):
+            z = z + vae.config.shift_factor
+        images = vae.decode(z.to(vae.dtype), return_dict=False)[0]
+        # The VAE's output lives in [-1, 1].
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    @staticmethod
+    def to_pil(pixels: torch.Tensor) -> list[Image.Image]:
+        arr = (pixels.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype("uint8")
+        return [Image.fromarray(a) for a in arr]
