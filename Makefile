@@ -18,10 +18,12 @@ $(STAMP): setup.cfg pyproject.toml
 	@# Pin whatever torch is now in the venv, so nothing below swaps it for another build.
 	$(PY) -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(VENV)/constraints.txt
 	$(PIP) install -q -c $(VENV)/constraints.txt -e ".[dev]"
-	@# open_clip_torch pulls torchvision, whose index wheel is built against the CUDA torch; on a
-	@# CPU-only torch its C ops fail to register and that breaks `import diffusers`. We only need
-	@# open_clip's BPE file, so a torchvision that cannot import is removed.
+	@# open_clip_torch pulls torchvision (and timm, which imports it); the index's torchvision is
+	@# built against the CUDA torch, and on a CPU-only torch its C ops fail to register, which breaks
+	@# `import diffusers` and `accelerate launch`. We only need open_clip's BPE file, so whichever of
+	@# the two cannot import is removed.
 	$(PY) -c "import torchvision" 2>/dev/null || $(PIP) uninstall -y -q torchvision
+	$(PY) -c "import timm" 2>/dev/null || $(PIP) uninstall -y -q timm
 	touch $@
 
 test: install

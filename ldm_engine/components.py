@@ -161,11 +161,30 @@ def vae_factor_of(path: str | os.PathLike) -> int:
     return 2 ** (len(_read_json(root / "vae/config.json")["block_out_channels"]) - 1)
 
 
-def _save_weights(module: torch.nn.Module, file: Path, dtype: torch.dtype | None) -> None:
-    state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
+def _save_weights(module: torch.nn.Module, file: Path, dtype: torch.dtype | None,
+                  prefix: str = "") -> None:
+    state = {(k if k.startswith(prefix) else prefix + k):
+             (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
              for k, v in module.state_dict().items()}
     # transformers refuses safetensors files whose metadata does not name the framework.
     safetensors.torch.save_file(state, str(file), metadata={"format": "pt"})
+
+
+def save_text_encoder(text_encoder: CLIPTextModel, directory: Path,
+                      dtype: torch.dtype | None = None) -> None:
+    """config.json + model.safetensors with the canonical `text_model.*` keys.
+
+    transformers 5 keeps CLIPTextModel's layers at the top level and would save them unprefixed;
+    every published SD folder (and transformers 4.x) uses the `text_model.` prefix, and 5.x reads
+    it too, so that is what we write.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    config = text_encoder.config
+    if dtype is not None:
+        config = CLIPTextConfig.from_dict(config.to_dict())
+        config.dtype = dtype
+    config.save_pretrained(directory)
+    _save_weights(text_encoder, directory / "model.safetensors", dtype, prefix="text_model.")
 
 
 def model_index(schedule_class: str = "DDIMScheduler") -> dict:
@@ -197,13 +216,7 @@ def save_model(components: Components, path: str | os.PathLike, *, overwrite: bo
             (tmp / sub).mkdir()
             net.save_config(tmp / sub)
             _save_weights(net, tmp / weights, dtype)
-        (tmp / "text_encoder").mkdir()
-        config = components.text_encoder.config
-        if dtype is not None:
-            config = CLIPTextConfig.from_dict(config.to_dict())
-            config.dtype = dtype
-        config.save_pretrained(tmp / "text_encoder")
-        _save_weights(components.text_encoder, tmp / TEXT_WEIGHTS, dtype)
+        save_text_encoder(components.text_encoder, tmp / "text_encoder", dtype)
         components.tokenizer.save(tmp / "tokenizer")
         (tmp / "scheduler").mkdir()
         (tmp / "scheduler/scheduler_config.json").write_text(

@@ -73,7 +73,9 @@ def make_generators(n: int, seed: int | None,
 
 class Pipeline:
     def __init__(self, components: Components, *, name: str = ""):
-        self.components = components.eval()
+        # Not forced into eval mode here: training samples with its live networks and must get
+        # them back unchanged (loaded models are already in eval mode).
+        self.components = components
         self.name = name
 
     @classmethod
