@@ -1,4 +1,4 @@
-"""The ``ldm`` command: generate images, inspect models.
+"""The ``ldm`` command: generate images, inspect and convert models.
 
 Bad input ends with one line on stderr and exit status 2; no traceback.
 """
@@ -6,7 +6,9 @@ Bad input ends with one line on stderr and exit status 2; no traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+import warnings
 from pathlib import Path
 
 from .errors import UserInputError
@@ -67,9 +69,55 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .inspection import format_report, inspect_folder
+    from .inspection import format_report, inspect_path
 
-    print(format_report(inspect_folder(args.path)))
+    with _warnings_to_stderr("inspect"):
+        print(format_report(inspect_path(args.path, trust_pickle=args.trust_pickle)))
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .convert import convert
+
+    with _warnings_to_stderr("convert"):
+        report = convert(args.src, args.dst, to=args.to, dtype=args.dtype, ema=args.ema,
+                         family=args.family, prediction=args.prediction,
+                         trust_pickle=args.trust_pickle, overwrite=args.overwrite)
+    for note in report.notes:
+        print(f"ldm convert: note: {note}", file=sys.stderr)
+    print(f"{report.dest}: {report.dest_kind} from {report.source_kind} {report.source}, "
+          f"family {report.family}, {report.prediction_type} prediction")
+    return 0
+
+
+@contextlib.contextmanager
+def _warnings_to_stderr(command: str):
+    """--trust-pickle's warning as an `ldm CMD: warning:` line, the moment it is raised."""
+    from .convert.ckpt import UnsafeLoadWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", UnsafeLoadWarning)
+        default = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, UnsafeLoadWarning):
+                print(f"ldm {command}: warning: {message}", file=sys.stderr, flush=True)
+            else:
+                default(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from train.evaluate import EvalSettings, format_results, run_eval
+
+    model = Path(args.model) if args.model else _default_model()
+    if args.steps < 1 or not args.seeds:
+        raise UserInputError("--steps must be >= 1 and --seeds must name at least one seed")
+    settings = EvalSettings(seeds=tuple(args.seeds), steps=args.steps,
+                            guidances=(1.0, args.guidance))
+    print(format_results(run_eval(model, settings, grid=args.grid)))
     return 0
 
 
@@ -95,9 +143,50 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=cmd_generate)
 
-    i = sub.add_parser("inspect", help="describe a model folder without loading it")
-    i.add_argument("path")
+    i = sub.add_parser("inspect", help="describe a model folder or single file without loading it")
+    i.add_argument("path", help="diffusers folder, .safetensors or .ckpt file")
+    i.add_argument("--trust-pickle", action="store_true",
+                   help="unpickle a .ckpt fully, running any code in it (only for trusted files)")
     i.set_defaults(func=cmd_inspect)
+
+    c = sub.add_parser(
+        "convert", help="convert between diffusers folders and single files",
+        description="Convert an SD-1.x/2.x model between a diffusers folder and a single "
+                    ".safetensors/.ckpt file (either direction, or file to file). Writes are "
+                    "atomic and read back bit for bit before DST is replaced.")
+    c.add_argument("src", help="diffusers folder, .safetensors or .ckpt file")
+    c.add_argument("dst", help="output: a name ending in .safetensors or .ckpt is a single file, "
+                               "anything else a diffusers folder")
+    c.add_argument("--to", choices=("diffusers", "single-file"),
+                   help="output kind (default: from DST's name)")
+    c.add_argument("--dtype", choices=("fp32", "fp16", "bf16"),
+                   help="cast floating-point weights (default: keep the source's dtypes)")
+    ema = c.add_mutually_exclusive_group()
+    ema.add_argument("--ema", dest="ema", action="store_true", default=False,
+                     help="convert the UNet's EMA weights (model_ema.*) instead of the live ones")
+    ema.add_argument("--no-ema", dest="ema", action="store_false",
+                     help="convert the live weights (the default)")
+    c.add_argument("--family", metavar="{sd1,sd2}",
+                   help="force the model family instead of detecting it (for a folder: which "
+                        "single-file text-encoder layout to write, CLIP or OpenCLIP)")
+    c.add_argument("--prediction", choices=("eps", "v"),
+                   help="the model's prediction type (default: recorded in the file, else eps for "
+                        "SD-1 and v for SD-2, whose 768-v and 2.1 models predict v; SD-2 "
+                        "512-base is eps)")
+    c.add_argument("--trust-pickle", action="store_true",
+                   help="unpickle a .ckpt fully, running any code it contains: only for files "
+                        "from a source you trust (default: safe loading, which refuses them)")
+    c.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    c.set_defaults(func=cmd_convert)
+
+    e = sub.add_parser("eval", help="held-out shapes-world accuracy of a model (pixel oracle)")
+    e.add_argument("--model", help="model folder (default: the bundled model)")
+    e.add_argument("--steps", type=int, default=25, help="DDIM steps (default 25)")
+    e.add_argument("--guidance", type=float, default=5.0,
+                   help="guidance scale compared against no guidance (default 5)")
+    e.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds per prompt")
+    e.add_argument("--grid", help="also save a grid of one image per prompt to this PNG")
+    e.set_defaults(func=cmd_eval)
     return parser
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from pathlib import Path
@@ -13,6 +14,10 @@ from .errors import ModelFolderError
 # Headers of real checkpoints are a few hundred KiB; 100 MiB is the library's own upper bound.
 _MAX_HEADER = 100 * 1024 * 1024
 _LFS_POINTER_PREFIX = b"version https://git-lfs.github.com/spec/"
+# Bytes per element of the safetensors dtypes torch can hold (sub-byte float formats excluded).
+DTYPE_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2,
+               "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+               "C64": 8}
 
 
 def check_safetensors(path: str | os.PathLike) -> dict:
@@ -44,25 +49,65 @@ def check_safetensors(path: str | os.PathLike) -> dict:
         raw = f.read(n)
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelFolderError(f"{path} has a corrupt safetensors header: {e}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ModelFolderError(f"{path} has a corrupt safetensors header: {e!s:.200}") from None
     if not isinstance(header, dict):
         raise ModelFolderError(f"{path} has a corrupt safetensors header (not a JSON object)")
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise ModelFolderError(f"{path}: __metadata__ must map names to strings")
     data_len = size - 8 - n
     spans = []
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        try:
-            start, end = (int(v) for v in info["data_offsets"])
-        except (TypeError, KeyError, ValueError):
-            raise ModelFolderError(f"{path}: tensor {name!r} has no valid data_offsets") from None
-        if not 0 <= start <= end <= data_len:
-            raise ModelFolderError(
-                f"{path} is truncated: tensor {name!r} ends at byte {end} of a {data_len}-byte buffer")
-        spans.append((start, end, name))
+        spans.append((*_tensor_span(path, name, info, data_len), name))
+    # The loader requires the tensors to tile the buffer exactly: no overlap, no gap, no tail.
     spans.sort()
-    for (s0, e0, a), (s1, e1, b) in zip(spans, spans[1:]):
-        if s1 < e0:
-            raise ModelFolderError(f"{path}: tensors {a!r} and {b!r} overlap in the file")
+    end = 0
+    for start, stop, name in spans:
+        if start < end:
+            raise ModelFolderError(
+                f"{path}: tensor {name!r} overlaps the tensor before it in the file")
+        if start > end:
+            raise ModelFolderError(f"{path}: unused bytes {end}..{start} before tensor {name!r}")
+        end = stop
+    if end != data_len:
+        raise ModelFolderError(
+            f"{path}: the tensors cover {end} of the {data_len} data bytes (corrupt header)")
     return header
+
+
+def _tensor_span(path: Path, name: str, info: object, data_len: int) -> tuple[int, int]:
+    """Validate one header entry (dtype, shape, offsets agree) and return its byte span."""
+    if not isinstance(info, dict):
+        raise ModelFolderError(f"{path}: header entry {name!r} is not an object")
+    try:
+        start, end = (_index(v) for v in info["data_offsets"])
+    except (TypeError, KeyError, ValueError):
+        raise ModelFolderError(f"{path}: tensor {name!r} has no valid data_offsets") from None
+    shape = info.get("shape")
+    if not isinstance(shape, list) or not all(_is_index(d) for d in shape):
+        raise ModelFolderError(f"{path}: tensor {name!r} has an invalid shape {shape!r}")
+    itemsize = DTYPE_SIZES.get(info.get("dtype"))
+    if itemsize is None:
+        raise ModelFolderError(
+            f"{path}: tensor {name!r} has an unsupported dtype {info.get('dtype')!r}")
+    if not start <= end <= data_len:
+        raise ModelFolderError(
+            f"{path} is truncated: tensor {name!r} ends at byte {end} of a {data_len}-byte buffer")
+    if end - start != math.prod(shape) * itemsize:
+        raise ModelFolderError(
+            f"{path}: tensor {name!r} has {end - start} bytes, but shape {shape} of "
+            f"{info['dtype']} needs {math.prod(shape) * itemsize}")
+    return start, end
+
+
+def _is_index(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _index(v: object) -> int:
+    if not _is_index(v):
+        raise ValueError(v)
+    return v

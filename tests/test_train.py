@@ -173,5 +173,10 @@ def test_two_processes_match_one_at_the_same_global_batch(straight, tmp_path):
                         str(ROOT / "train/configs/default.yaml"), *args],
                        check=True, env=env, cwd=ROOT, timeout=900)
         results[n] = weights(run / "model")
-    for k in results[1]:
-        torch.testing.assert_close(results[2][k], results[1][k], rtol=1e-4, atol=1e-5)
+    # DDP sums gradients in another order, and Adam's m / sqrt(v) magnifies float noise on
+    # near-zero gradients, so parameters may differ by a small fraction of one step (lr = 5e-4).
+    worst = max((results[2][k] - results[1][k]).abs().max().item() for k in results[1])
+    assert worst < 0.1 * 5e-4, worst
+    # And the launched single process reproduces the in-process run exactly.
+    straight_weights = weights(model)
+    assert all(torch.equal(results[1][k], straight_weights[k]) for k in results[1])

@@ -136,3 +136,25 @@ def test_png_text_round_trip_edge_cases():
     assert GenerationParams.from_png_text(text) == p
     with pytest.raises(UserInputError):
         GenerationParams.from_png_text("just a prompt")
+
+
+@pytest.mark.slow
+def test_pixel_parity_at_full_sd15_size(tmp_path_factory):
+    """The real SD-1.5 architecture (1.07 B parameters, random weights), 256x256, 2 DDIM steps."""
+    from ldm_engine.components import build_random, save_model
+    from ldm_engine.configs import SD1
+
+    folder = tmp_path_factory.mktemp("sd15") / "sd15"
+    save_model(build_random(SD1, seed=0), folder)
+    pipe = TextToImage.from_folder(folder)
+    kw = dict(num_inference_steps=2, guidance_scale=7.5, height=256, width=256)
+    ours = pipe(PROMPTS[:1], negative_prompt="blurry", seed=11, progress=False, **kw)
+    del pipe
+    ref = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None,
+                                                  requires_safety_checker=False,
+                                                  local_files_only=True)
+    ref.set_progress_bar_config(disable=True)
+    theirs = _ref_images(ref, DDIMScheduler, PROMPTS[:1], 11, negative_prompt=["blurry"], **kw)
+    assert ours.pixels.shape == (1, 3, 256, 256)
+    assert ours.pixels.std() > 0.01
+    assert (ours.pixels - theirs).abs().max() <= 1e-4
