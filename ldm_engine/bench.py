@@ -67,6 +67,7 @@ def unet_flops(model: Path, height: int, width: int) -> int:
 
 def worker(engine: str, model: Path, steps: int, size: int, runs: int) -> dict:
     """Time one engine in this process: first call separately, then the median of `runs` calls."""
+    import safetensors.torch
     import torch
 
     if engine == "ours":
@@ -100,7 +101,8 @@ def worker(engine: str, model: Path, steps: int, size: int, runs: int) -> dict:
         t0 = time.perf_counter()
         generate()
         times.append(time.perf_counter() - t0)
-    torch.save(image, BENCH_DIR / f"{engine}-{size}-{steps}.pt")
+    safetensors.torch.save_file({"image": image.contiguous()},
+                                str(BENCH_DIR / f"{engine}-{size}-{steps}.safetensors"))
     return {"engine": engine, "first_s": first, "median_s": statistics.median(times),
             "times": times, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "torch_threads": torch.get_num_threads()}
@@ -115,12 +117,16 @@ def run_worker(engine: str, model: Path, steps: int, size: int, runs: int) -> di
 
 def report(results: list[dict], flops: int, peak: float, steps: int, size: int, runs: int,
            command: str) -> str:
+    import safetensors.torch
     import torch
 
     floor = steps * flops / peak
     ref = next(r for r in results if r["engine"] == "diffusers")
-    ours = torch.load(BENCH_DIR / f"ours-{size}-{steps}.pt")
-    theirs = torch.load(BENCH_DIR / f"diffusers-{size}-{steps}.pt")
+    def image(engine: str) -> torch.Tensor:
+        path = BENCH_DIR / f"{engine}-{size}-{steps}.safetensors"
+        return safetensors.torch.load_file(str(path))["image"]
+
+    ours, theirs = image("ours"), image("diffusers")
     lines = [
         f"### txt2img, SD-1.5 architecture (random weights), {size}x{size}, {steps} DDIM steps, "
         f"guidance 7.5, CPU fp32",

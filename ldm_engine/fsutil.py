@@ -66,6 +66,10 @@ def atomic_dir(dest: str | os.PathLike, *, overwrite: bool = False) -> Iterator[
         raise FileExistsError(f"{dest} already exists (pass overwrite=True to replace it)")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    # mkdtemp makes the folder private (0700); the finished folder gets the usual umask mode.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
     try:
         yield tmp
         fsync_tree(tmp)

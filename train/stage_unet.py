@@ -16,6 +16,7 @@ DALL-E mini pre-encoded its data) and every step only samples z ~ q(z|x) from th
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,7 +137,11 @@ def train_unet(config: TrainConfig, accelerator: Accelerator, data: ImageCaption
     schedule = train_schedule(cond.schedule)
     alphas = schedule.alphas_cumprod
     sf = cond.vae.config.scaling_factor
+    t0 = time.perf_counter()
     cache = encode_cache(cond, data) if u.cache else None
+    if cache is not None:
+        accelerator.print(f"[unet] cached {len(data)} latents and {len(cache['states'])} text "
+                          f"states in {time.perf_counter() - t0:.1f} s")
     empty_ids = cond.tokenizer([""])
 
     model = Denoiser(unet, text_encoder)
