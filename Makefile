@@ -37,7 +37,7 @@ bench: install
 
 # Generates demo.png from a prompt with the bundled model (ldm_engine/models/default).
 demo: install
-	$(VENV)/bin/ldm generate "a red circle on the left and a blue square on the right, black background" \
+	$(VENV)/bin/ldm generate "a yellow triangle in the centre, green background" \
 		--out demo.png --seed 0 --steps 30 --guidance 5
 	@echo "wrote demo.png"
 

@@ -67,8 +67,10 @@ class Components:
         return self.unet.dtype
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        # Only what is asked for: diffusers warns on any dtype argument, even None.
+        args = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
         for net in (self.unet, self.vae, self.text_encoder):
-            net.to(device=device, dtype=dtype)
+            net.to(**args)
         return self
 
     def eval(self) -> "Components":

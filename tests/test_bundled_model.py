@@ -14,9 +14,8 @@ from train.shapes import EvalPrompt, Scene, ShapeObject
 
 GOLDEN = Path(__file__).parent / "golden" / "default-model.png"
 # The golden image's request; the PNG itself carries it too.
-PROMPT = "a red circle on the left and a blue square on the right, black background"
-SCENE = Scene(objects=(ShapeObject("circle", "red", "large", "left"),
-                       ShapeObject("square", "blue", "large", "right")), background="black")
+PROMPT = "a yellow triangle in the centre, green background"
+SCENE = Scene(objects=(ShapeObject("triangle", "yellow", "large", "centre"),), background="green")
 
 
 @pytest.fixture(scope="module")
@@ -50,11 +49,13 @@ def test_cli_defaults_to_the_bundled_model(tmp_path, capsys):
     assert read_png_params(out).model == "default"
 
 
-def test_bundled_model_draws_the_named_colours(pipe):
-    """A training-distribution prompt over several seeds: the oracle finds the named colours.
+def test_bundled_model_draws_the_prompt(pipe):
+    """A training-distribution prompt over several seeds: the oracle reads back what was asked.
 
-    (Held-out accuracy is `ldm eval`'s job; this guards against a broken or swapped model.)"""
-    res = pipe([PROMPT] * 4, num_inference_steps=20, guidance_scale=5.0, seed=0, progress=False)
+    (Held-out accuracy is `ldm eval`'s job; this guards against a broken or swapped model.
+    Measured when the model was trained: 6 of 6 seeds right in every category.)"""
+    res = pipe([PROMPT] * 4, num_inference_steps=25, guidance_scale=5.0, seed=0, progress=False)
     prompt = EvalPrompt(PROMPT, SCENE, background_specified=True, size_specified=False)
     grades = [grade(prompt, im) for im in res.images]
-    assert sum(bool(g["colour"]) for g in grades) >= 3, grades
+    for key in ("colour_shape", "position"):
+        assert sum(bool(g[key]) for g in grades) >= 3, (key, grades)
