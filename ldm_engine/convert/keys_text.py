@@ -60,19 +60,10 @@ def text_to_ldm(weights: Mapping[str, torch.Tensor], config: Mapping,
     if layout == "clip":
         return {CLIP_PREFIX + k: v for k, v in weights.items()}
     num_layers = config["num_hidden_layers"]
-    table = _open_clip_map(num_layers)
-    out: dict[str, torch.Tensor] = {}
-    unmapped = []
-    for key, value in weights.items():
-        if key.rsplit(".", 2)[-2] in _QKV:
-            continue                                      # fused below
-        ldm = table.to_ldm(key)
-        if ldm is None:
-            unmapped.append(key)
-        else:
-            out[OPEN_CLIP_PREFIX + ldm] = value
-    if unmapped:
-        raise KeyError(f"text-encoder weights with no OpenCLIP name: {', '.join(unmapped[:5])}")
+    # q/k/v are fused into OpenCLIP's in_proj below; everything else is a plain rename.
+    plain = {k: v for k, v in weights.items() if k.rsplit(".", 2)[-2] not in _QKV}
+    out = _open_clip_map(num_layers).rename_to_ldm(plain, prefix=OPEN_CLIP_PREFIX,
+                                                   what="text-encoder")
     for i in range(num_layers):
         attn = f"encoder.layers.{i}.self_attn"
         for kind, fused in (("weight", "in_proj_weight"), ("bias", "in_proj_bias")):

@@ -100,34 +100,12 @@ def unet_key_map(config: Mapping) -> PrefixMap:
 
 def unet_to_ldm(weights: Mapping[str, torch.Tensor], config: Mapping) -> dict[str, torch.Tensor]:
     """diffusers UNet state dict -> ``model.diffusion_model.*`` keys (same tensors, no copies)."""
-    table = unet_key_map(config)
-    out: dict[str, torch.Tensor] = {}
-    unmapped = []
-    for key, value in weights.items():
-        ldm = table.to_ldm(key)
-        if ldm is None:
-            unmapped.append(key)
-        else:
-            out[LDM_PREFIX + ldm] = value
-    if unmapped:
-        raise KeyError(f"UNet weights with no LDM name: {', '.join(unmapped[:5])}")
-    return out
+    return unet_key_map(config).rename_to_ldm(weights, prefix=LDM_PREFIX, what="UNet")
 
 
 def unet_from_ldm(weights: Mapping[str, torch.Tensor], config: Mapping) -> dict[str, torch.Tensor]:
     """``model.diffusion_model.*`` tensors (prefix included) -> diffusers UNet state dict."""
-    table = unet_key_map(config)
-    out: dict[str, torch.Tensor] = {}
-    unmapped = []
-    for key, value in weights.items():
-        name = table.to_diffusers(key.removeprefix(LDM_PREFIX))
-        if name is None:
-            unmapped.append(key)
-        else:
-            out[name] = value
-    if unmapped:
-        raise KeyError(f"UNet weights this architecture does not have: {', '.join(unmapped[:5])}")
-    return out
+    return unet_key_map(config).rename_to_diffusers(weights, prefix=LDM_PREFIX, what="UNet")
 
 
 def ema_key(ldm_key: str) -> str:

@@ -74,37 +74,25 @@ def _is_conv_as_linear(diffusers_key: str) -> bool:
     return bool(mid) and name.endswith(".weight") and name[:-len(".weight")] in _CONV_AS_LINEAR
 
 
+def _conv_weight(key: str, value: torch.Tensor) -> torch.Tensor:
+    if _is_conv_as_linear(key) and value.ndim == 2:
+        return value[:, :, None, None]                            # (C, C) -> (C, C, 1, 1)
+    return value
+
+
+def _linear_weight(key: str, value: torch.Tensor) -> torch.Tensor:
+    if _is_conv_as_linear(key) and value.ndim == 4:
+        if value.shape[2:] != (1, 1):
+            raise ValueError(f"VAE {key} has shape {tuple(value.shape)}; a 1x1 conv was expected")
+        return value[:, :, 0, 0]                                  # (C, C, 1, 1) -> (C, C)
+    return value
+
+
 def vae_to_ldm(weights: Mapping[str, torch.Tensor], config: Mapping) -> dict[str, torch.Tensor]:
-    table = vae_key_map(config)
-    out: dict[str, torch.Tensor] = {}
-    unmapped = []
-    for key, value in weights.items():
-        ldm = table.to_ldm(key)
-        if ldm is None:
-            unmapped.append(key)
-            continue
-        if _is_conv_as_linear(key) and value.ndim == 2:
-            value = value[:, :, None, None]                       # (C, C) -> (C, C, 1, 1)
-        out[LDM_PREFIX + ldm] = value
-    if unmapped:
-        raise KeyError(f"VAE weights with no LDM name: {', '.join(unmapped[:5])}")
-    return out
+    return vae_key_map(config).rename_to_ldm(weights, prefix=LDM_PREFIX, what="VAE",
+                                             reshape=_conv_weight)
 
 
 def vae_from_ldm(weights: Mapping[str, torch.Tensor], config: Mapping) -> dict[str, torch.Tensor]:
-    table = vae_key_map(config)
-    out: dict[str, torch.Tensor] = {}
-    unmapped = []
-    for key, value in weights.items():
-        name = table.to_diffusers(key.removeprefix(LDM_PREFIX))
-        if name is None:
-            unmapped.append(key)
-            continue
-        if _is_conv_as_linear(name) and value.ndim == 4:
-            if value.shape[2:] != (1, 1):
-                raise ValueError(f"{key} has shape {tuple(value.shape)}; a 1x1 conv was expected")
-            value = value[:, :, 0, 0]                             # (C, C, 1, 1) -> (C, C)
-        out[name] = value
-    if unmapped:
-        raise KeyError(f"VAE weights this architecture does not have: {', '.join(unmapped[:5])}")
-    return out
+    return vae_key_map(config).rename_to_diffusers(weights, prefix=LDM_PREFIX, what="VAE",
+                                                   reshape=_linear_weight)

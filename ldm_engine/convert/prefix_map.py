@@ -9,7 +9,12 @@ table lists every module that exists, and a key that matches no entry is reporte
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
+
+import torch
+
+# (diffusers key, tensor) -> tensor: a layout change that goes with a rename (e.g. conv <-> linear).
+Reshape = Callable[[str, torch.Tensor], torch.Tensor]
 
 
 class PrefixMap:
@@ -41,3 +46,32 @@ class PrefixMap:
 
     def to_diffusers(self, key: str) -> str | None:
         return self._rename(key, self._to_diffusers)
+
+    def rename_to_ldm(self, weights: Mapping[str, torch.Tensor], *, prefix: str, what: str,
+                      reshape: Reshape | None = None) -> dict[str, torch.Tensor]:
+        """A whole diffusers state dict -> ``prefix + LDM key``; unmapped keys are an error."""
+        out, unmapped = {}, []
+        for key, value in weights.items():
+            ldm = self.to_ldm(key)
+            if ldm is None:
+                unmapped.append(key)
+            else:
+                out[prefix + ldm] = reshape(key, value) if reshape else value
+        if unmapped:
+            raise KeyError(f"{what} weights with no LDM name: {', '.join(unmapped[:5])}")
+        return out
+
+    def rename_to_diffusers(self, weights: Mapping[str, torch.Tensor], *, prefix: str, what: str,
+                            reshape: Reshape | None = None) -> dict[str, torch.Tensor]:
+        """``prefix + LDM key`` tensors -> a diffusers state dict; unmapped keys are an error."""
+        out, unmapped = {}, []
+        for key, value in weights.items():
+            name = self.to_diffusers(key.removeprefix(prefix))
+            if name is None:
+                unmapped.append(key)
+            else:
+                out[name] = reshape(name, value) if reshape else value
+        if unmapped:
+            raise KeyError(f"{what} weights this architecture does not have: "
+                           f"{', '.join(unmapped[:5])}")
+        return out
