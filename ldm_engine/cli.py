@@ -13,6 +13,9 @@ from pathlib import Path
 
 from .errors import UserInputError
 
+# As ldm_engine.precision.DTYPE_CHOICES, spelled out so `ldm --help` need not import torch.
+DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
+
 # The model trained by this project and shipped inside the package (see `make train-default`).
 BUNDLED_MODEL = Path(__file__).parent / "models" / "default"
 
@@ -24,8 +27,6 @@ def _default_model() -> Path:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    import torch
-
     from pipelines import GenerationParams, TextToImage, read_png_params
     from pipelines.params import check_request
 
@@ -54,7 +55,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
                       width=args.width or factor, vae_factor=factor)
     if args.num_images < 1:
         raise UserInputError(f"--num-images must be at least 1, got {args.num_images}")
-    pipe = TextToImage.from_folder(model, dtype=torch.float32)
+    pipe = TextToImage.from_folder(model, device=args.device, dtype=args.dtype,
+                                   compile=args.compile, deep_cache=args.deep_cache,
+                                   vae_tiling=args.vae_tiling, attention=args.attention)
     if args.from_image:
         result = pipe.regenerate(request, progress=not args.quiet)
     else:
@@ -140,6 +143,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--width", type=int, help="multiple of 8 (default: the model's native size)")
     g.add_argument("--num-images", type=int, default=1, help="images for the prompt (default 1)")
     g.add_argument("--from-image", help="re-make a PNG from its embedded parameters")
+    g.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
+    g.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                   help="weights' precision; auto: bf16 on CPUs with native bf16, fp16 on CUDA, "
+                        "else fp32 (default auto)")
+    g.add_argument("--compile", action="store_true",
+                   help="AOT-compile the UNet and VAE decoder with frozen weights (one-time "
+                        "cost per model and size, cached in ~/.cache/ldm-engine)")
+    g.add_argument("--attention", default="sdpa", choices=("sdpa", "xformers"),
+                   help="attention kernels: torch SDPA (default) or xformers (CUDA only)")
+    g.add_argument("--deep-cache", type=int, default=1, metavar="N",
+                   help="APPROXIMATE: run the deep UNet blocks every N-th step only (default 1 = "
+                        "off; 3 is the usual choice)")
+    g.add_argument("--vae-tiling", action="store_true",
+                   help="APPROXIMATE: decode in overlapping tiles to bound memory on large images")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=cmd_generate)
 

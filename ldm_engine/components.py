@@ -26,7 +26,7 @@ from schedulers import ScheduleConfig, load_schedule_config  # noqa: E402
 
 from .configs import FAMILIES, ModelFamily  # noqa: E402
 from .errors import ModelFolderError  # noqa: E402
-from .formats import check_safetensors  # noqa: E402
+from .formats import check_safetensors, read_safetensors  # noqa: E402
 from .fsutil import atomic_dir  # noqa: E402
 from .tokenizer import SDTokenizer  # noqa: E402
 
@@ -128,18 +128,39 @@ def check_model_folder(path: str | os.PathLike) -> Path:
     return root
 
 
+def _load_lean(cls, folder: Path, dtype: torch.dtype, channels_last: bool):
+    """A diffusers network whose peak memory while loading is its own size in `dtype`.
+
+    Built on the meta device (no throwaway random init), then given the file's tensors, cast one
+    at a time as they are read. A folder whose keys do not match the class exactly (e.g. the old
+    VAE attention names that diffusers renames on load) goes through diffusers' own loader.
+    """
+    state = read_safetensors(folder / "diffusion_pytorch_model.safetensors", dtype,
+                             channels_last=channels_last)
+    with torch.device("meta"):
+        model = cls.from_config(cls.load_config(folder))
+    expected = set(model.state_dict())
+    if set(state) != expected:
+        del state, model
+        return cls.from_pretrained(folder, torch_dtype=dtype, local_files_only=True)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
+
+
 def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu",
-               dtype: torch.dtype = torch.float32) -> Components:
-    """Load a diffusers-layout SD folder from local disk (weights cast to dtype, eval mode)."""
+               dtype: torch.dtype = torch.float32, channels_last: bool = False) -> Components:
+    """Load a diffusers-layout SD folder from local disk (weights cast to dtype, eval mode).
+
+    channels_last lays the UNet's and VAE's convolution weights out channels-last as they load.
+    """
     root = check_model_folder(path)
     unet_cfg = _read_json(root / "unet/config.json")
     text_cfg = _read_json(root / "text_encoder/config.json")
     # transformers draws a bar per load; loading a local folder is quick and the bar is noise.
     transformers.utils.logging.disable_progress_bar()
     try:
-        unet = UNet2DConditionModel.from_pretrained(root / "unet", torch_dtype=dtype,
-                                                    local_files_only=True)
-        vae = AutoencoderKL.from_pretrained(root / "vae", torch_dtype=dtype, local_files_only=True)
+        unet = _load_lean(UNet2DConditionModel, root / "unet", dtype, channels_last)
+        vae = _load_lean(AutoencoderKL, root / "vae", dtype, channels_last)
         text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", dtype=dtype,
                                                      local_files_only=True)
     except (OSError, ValueError, RuntimeError) as e:

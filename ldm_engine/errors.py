@@ -10,3 +10,11 @@ class UserInputError(ValueError):
 
 class ModelFolderError(UserInputError):
     """A model folder that is missing, incomplete or unreadable; the message names the file."""
+
+
+class NonFiniteError(UserInputError):
+    """The denoiser produced inf/NaN latents: the chosen dtype is too narrow for this model.
+
+    A choice the user can change (a wider --dtype), so it is reported like bad input: one line,
+    and no image rather than a black or noisy one.
+    """

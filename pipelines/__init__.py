@@ -1,5 +1,7 @@
 """Pipelines: each prepares starting latents and runs the one shared denoising loop."""
 
+import ldm_engine  # noqa: F401  (first: sets torch's allocator options before torch loads)
+
 from .base import GenerationResult, Pipeline
 from .params import GenerationParams, read_png_params, save_png
 from .txt2img import TextToImage

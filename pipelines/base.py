@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 from collections.abc import Sequence
@@ -11,11 +12,15 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ldm_engine.components import Components, load_model
-from ldm_engine.errors import UserInputError
+from ldm_engine.components import UNET_WEIGHTS, Components, load_model
+from ldm_engine.errors import NonFiniteError, UserInputError
+from ldm_engine.precision import resolve_device, resolve_dtype
 
-from .guidance import Guidance
+from .guidance import Guidance, UNetFn
 from .params import GenerationParams, save_png
+from .speed import Accelerated, Attention, SpeedOptions
+
+log = logging.getLogger("ldm_engine.pipelines")
 
 
 @dataclass
@@ -72,16 +77,36 @@ def make_generators(n: int, seed: int | None,
 
 
 class Pipeline:
-    def __init__(self, components: Components, *, name: str = ""):
+    def __init__(self, components: Components, *, name: str = "",
+                 speed: SpeedOptions | None = None, unet_file: Path | None = None):
         # Not forced into eval mode here: training samples with its live networks and must get
-        # them back unchanged (loaded models are already in eval mode).
+        # them back unchanged (loaded models are already in eval mode). Without speed options the
+        # networks are used exactly as given; with them, they may be re-laid out and compiled.
         self.components = components
         self.name = name
+        self.accelerated = (Accelerated(components.unet, components.vae, speed,
+                                        unet_file=unet_file) if speed is not None else None)
 
     @classmethod
     def from_folder(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu",
-                    dtype: torch.dtype = torch.float32):
-        return cls(load_model(path, device=device, dtype=dtype), name=Path(path).name)
+                    dtype: str | torch.dtype = torch.float32, compile: bool = False,
+                    deep_cache: int = 1, vae_tiling: bool = False, attention: Attention = "sdpa",
+                    channels_last: bool | None = None):
+        """Load a local diffusers-layout folder.
+
+        device: "auto" | "cpu" | "cuda[:N]"; dtype: "auto" | "fp32" | "bf16" | "fp16" or a torch
+        dtype ("auto": bf16 on CPUs with native bf16, fp16 on CUDA, else fp32). The speed options
+        are those of SpeedOptions; deep_cache > 1 and vae_tiling are approximations.
+        """
+        speed = SpeedOptions(compile=compile, channels_last=channels_last, attention=attention,
+                             deep_cache=deep_cache, vae_tiling=vae_tiling)
+        where = resolve_device(device)
+        precision = resolve_dtype(dtype, where)
+        speed.check_device(where)
+        components = load_model(path, device=where, dtype=precision,
+                                channels_last=speed.uses_channels_last(precision))
+        return cls(components, name=Path(path).name, speed=speed,
+                   unet_file=Path(path) / UNET_WEIGHTS)
 
     @property
     def device(self) -> torch.device:
@@ -107,17 +132,55 @@ class Pipeline:
         return Guidance(scale, states[:n], states[n:])
 
     def unet_fn(self, x: torch.Tensor, t: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
-        return self.components.unet(x, t, encoder_hidden_states=states, return_dict=False)[0]
+        out = self.components.unet(x.to(self.dtype), t, encoder_hidden_states=states,
+                                   return_dict=False)[0]
+        return out.float()
+
+    def denoiser(self) -> UNetFn:
+        """The UNet callable for one generation (a fresh one: deep-cache state is per generation)."""
+        return self.accelerated.denoiser() if self.accelerated is not None else self.unet_fn
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents -> images in [0, 1], (B, 3, H, W) float32."""
+        """Latents -> images in [0, 1], (B, 3, H, W) float32; never inf/NaN.
+
+        fp16 has a largest value of 65504, and the SD VAE decoder's activations exceed it (the
+        reason diffusers marks it `force_upcast`), so such a VAE decodes in fp32 when loaded in
+        fp16. Any other reduced-precision decode that comes out non-finite is redone in fp32.
+        """
+        if not torch.isfinite(latents).all():
+            raise NonFiniteError(
+                f"the UNet produced inf/NaN latents in {self.dtype}; this model needs a wider "
+                "dtype (bf16 or fp32)")
         vae = self.components.vae
         z = latents / vae.config.scaling_factor
         if getattr(vae.config, "shift_factor", None):
             z = z + vae.config.shift_factor
-        images = vae.decode(z.to(vae.dtype), return_dict=False)[0]
+        if vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+            images = self._decode_fp32(z)
+        else:
+            images = self._vae_decode(z.to(vae.dtype))
+            if vae.dtype != torch.float32 and not torch.isfinite(images).all():
+                log.warning("VAE decode overflowed in %s; decoding again in fp32", vae.dtype)
+                images = self._decode_fp32(z)
         # The VAE's output lives in [-1, 1].
         return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    def _vae_decode(self, z: torch.Tensor) -> torch.Tensor:
+        if self.accelerated is not None:
+            return self.accelerated.vae_decode(z)
+        return self.components.vae.decode(z, return_dict=False)[0]
+
+    def _decode_fp32(self, z: torch.Tensor) -> torch.Tensor:
+        # Up- and down-casting fp16/bf16 weights through fp32 is exact, so the VAE is cast in
+        # place for this one decode rather than keeping a second, fp32 copy in memory.
+        vae = self.components.vae
+        dtype = vae.dtype
+        # torch's own Module.to: diffusers' override warns on every dtype cast.
+        torch.nn.Module.float(vae)
+        try:
+            return vae.decode(z.float(), return_dict=False)[0]
+        finally:
+            torch.nn.Module.to(vae, dtype)
 
     @staticmethod
     def to_pil(pixels: torch.Tensor) -> list[Image.Image]:

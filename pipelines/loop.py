@@ -48,12 +48,18 @@ def denoise(model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torc
     alpha_bar = plan.alpha_bar.tolist()
     bar = tqdm(total=n, disable=not progress, desc=sampler.name, leave=False)
     t_tensors = plan.timesteps.to(x.device)
+    # Every step's variance noise is drawn up front, in the same order as drawing at each step
+    # (step by step, image by image: a generator shared by several images gives the same values),
+    # and moved to the device in one copy rather than one per step.
+    cpu = torch.device("cpu")
+    noisy = [i for i in range(n) if sampler.needs_noise(plan, i, eta)]
+    drawn = torch.stack([per_image_noise(x.shape, generators, device=cpu, dtype=torch.float32)
+                         for _ in noisy]).to(device=x.device, dtype=x.dtype) if noisy else None
+    noise_at = {i: k for k, i in enumerate(noisy)}
     for i in range(n):
         out = model(x, t_tensors[i])
         x0, eps = to_x0_eps(out, x, alpha_bar[i], prediction_type)
-        noise = None
-        if sampler.needs_noise(plan, i, eta):
-            noise = per_image_noise(x.shape, generators, device=x.device, dtype=x.dtype)
+        noise = drawn[noise_at[i]] if i in noise_at else None
         x = sampler.step(plan, i, x, x0, eps, eta=eta, noise=noise)
         if on_step is not None:
             x = on_step(i, x)

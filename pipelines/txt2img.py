@@ -55,8 +55,9 @@ class TextToImage(Pipeline):
 
         guidance = self.guidance(prompts, negatives, guidance_scale)
         shape = (n, c.latent_channels, height // f, width // f)
-        latents = per_image_noise(shape, generators, device=self.device, dtype=self.dtype)
-        latents = denoise(guidance.model(self.unet_fn), latents, sampler=chosen, plan=plan,
+        # Latents and sampler arithmetic in fp32 whatever the networks' dtype (see speed.Accelerated).
+        latents = per_image_noise(shape, generators, device=self.device, dtype=torch.float32)
+        latents = denoise(guidance.model(self.denoiser()), latents, sampler=chosen, plan=plan,
                           prediction_type=c.schedule.prediction_type, generators=generators,
                           eta=eta, progress=progress)
         pixels = self.decode(latents)

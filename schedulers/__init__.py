@@ -12,6 +12,8 @@ Plans are immutable and steps are pure, so one sampler serves any number of conc
 
 from __future__ import annotations
 
+import ldm_engine  # noqa: F401  (first: sets torch's allocator options before torch loads)
+
 from collections.abc import Callable
 from dataclasses import dataclass
 

@@ -51,6 +51,18 @@ def test_pixel_parity_with_diffusers(pipe, reference, sampler, scheduler_cls, et
     assert (ours.pixels - theirs).abs().max() <= 1e-4
 
 
+def test_one_shared_generator_matches_diffusers_ddpm(pipe, reference):
+    """DDPM's per-step noise is drawn before the loop, in the order per-step drawing would use:
+    with one generator shared by a batch, diffusers' batched draws give the same values."""
+    kw = dict(num_inference_steps=4, guidance_scale=7.5, height=64, width=64)
+    ours = pipe(PROMPTS, sampler="ddpm", generator=torch.Generator().manual_seed(5),
+                progress=False, **kw)
+    reference.scheduler = DDPMScheduler.from_config(reference.scheduler.config)
+    theirs = reference(PROMPTS, generator=torch.Generator().manual_seed(5), output_type="np",
+                       **kw).images
+    assert (ours.pixels - torch.from_numpy(theirs).permute(0, 3, 1, 2)).abs().max() <= 1e-4
+
+
 def test_guidance_one_matches_diffusers_unguided(pipe, reference):
     kw = dict(num_inference_steps=3, guidance_scale=1.0, height=64, width=64)
     ours = pipe(PROMPTS[:1], seed=7, progress=False, **kw)
