@@ -24,8 +24,7 @@ Attention = Literal["sdpa", "xformers"]
 
 @dataclass(frozen=True)
 class SpeedOptions:
-    # AOTInductor with frozen, pre-packed weights, one cached package per input shape: the UNet
-    # (and on CUDA the VAE decoder).
+    # The UNet as AOTInductor packages with frozen, pre-packed weights, one per input shape.
     compile: bool = False
     # None: channels_last whenever weights are bf16/fp16 (oneDNN's and cuDNN's fast convolution
     # layout); fp32 stays in the default layout, where it is numerically identical to diffusers.
@@ -68,10 +67,6 @@ def _unet_call(unet, x: torch.Tensor, t: torch.Tensor, states: torch.Tensor) -> 
     return unet(x, t, encoder_hidden_states=states, return_dict=False)[0]
 
 
-def _vae_decode_call(vae, z: torch.Tensor) -> torch.Tensor:
-    return vae.decode(z, return_dict=False)[0]
-
-
 class Accelerated:
     """The speed options applied to one set of networks: callables the pipeline runs."""
 
@@ -93,7 +88,10 @@ class Accelerated:
             vae.enable_tiling()
         if options.deep_cache > 1:
             check_supported(unet)
-        self.compiled_unet = self.compiled_vae = self.pieces = None
+        # Only the UNet is compiled. The VAE decoder is nearly all large convolutions that oneDNN
+        # already runs near peak: compiled it measured slower on CPU (0.75 s vs 0.67 s eager at
+        # 256x256, bf16), and on CUDA an fp16 SD VAE decodes in fp32 anyway (force_upcast).
+        self.compiled_unet = self.pieces = None
         if options.compile:
             offload = (OffloadableWeights.for_file(unet, unet_file, self.memory_format)
                        if unet_file else None)
@@ -103,15 +101,10 @@ class Accelerated:
                                     for piece in (head, deep, tail))
             else:
                 self.compiled_unet = AOTCompiled(unet, _unet_call, name="unet", offload=offload)
-            # On CPU the VAE decoder is nearly all large convolutions that oneDNN already runs
-            # near peak: compiled it measured slower (0.75 s vs 0.67 s at 256x256, bf16), so it
-            # stays eager there.
-            if not options.vae_tiling and vae.device.type == "cuda":
-                self.compiled_vae = AOTCompiled(vae, _vae_decode_call, name="vae-decoder")
 
     @property
     def compiles(self) -> int:
-        parts = [self.compiled_unet, self.compiled_vae, *(self.pieces or ())]
+        parts = [self.compiled_unet, *(self.pieces or ())]
         return sum(p.compiles for p in parts if p is not None)
 
     def layout(self, x: torch.Tensor) -> torch.Tensor:
@@ -134,7 +127,4 @@ class Accelerated:
         return lambda x, t, states: run(self.layout(x.to(dtype)), t, states).float()
 
     def vae_decode(self, z: torch.Tensor) -> torch.Tensor:
-        z = self.layout(z)
-        if self.compiled_vae is not None:
-            return self.compiled_vae(z)
-        return _vae_decode_call(self.vae, z)
+        return self.vae.decode(self.layout(z), return_dict=False)[0]

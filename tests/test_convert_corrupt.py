@@ -195,6 +195,26 @@ def test_compressed_archive_is_refused(good_files, tmp_path):
     assert "compressed" in assert_clear_error(path, tmp_path)
 
 
+@pytest.mark.parametrize("flag", [0x01, 0x20, 0x40])   # encrypted, patched, strong encryption
+def test_encrypted_or_patched_members_are_refused(flag, good_files, tmp_path):
+    """Flag bits zipfile cannot read are named before any member is opened."""
+    data = bytearray(good_files["ckpt"])
+    # zipfile's writer resets flag bits, so set them in each central-directory record directly
+    # (the copy zipfile reads them from): signature, then the flags at byte 8.
+    eocd = data.rindex(b"PK\x05\x06")
+    count, = struct.unpack_from("<H", data, eocd + 10)
+    offset, = struct.unpack_from("<I", data, eocd + 16)
+    for _ in range(count):
+        assert data[offset:offset + 4] == b"PK\x01\x02"
+        flags, = struct.unpack_from("<H", data, offset + 8)
+        struct.pack_into("<H", data, offset + 8, flags | flag)
+        name_len, extra_len, comment_len = struct.unpack_from("<HHH", data, offset + 28)
+        offset += 46 + name_len + extra_len + comment_len
+    path = tmp_path / "flagged.ckpt"
+    path.write_bytes(bytes(data))
+    assert "encrypted or patched" in assert_clear_error(path, tmp_path)
+
+
 def test_flipped_tensor_byte_in_ckpt_fails_the_zip_crc(good_files, tmp_path):
     """torch does not check the archive's CRCs; the converter does, so a flipped bit in a weight
     is reported instead of converted."""

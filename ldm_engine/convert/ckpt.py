@@ -38,9 +38,12 @@ from .errors import CheckpointError, UnsafeCheckpointError
 
 _LFS_POINTER_PREFIX = b"version https://git-lfs.github.com/spec/"
 _ZIP_LOCAL_HEADER = b"PK\x03\x04"
-# What zipfile raises for damaged archives: damaged flag bits read as "encrypted" or an unknown
-# compression method, which zipfile reports as RuntimeError / NotImplementedError.
-_ZIP_ERRORS = (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError, NotImplementedError)
+# What zipfile raises for damaged archives (truncation, bad offsets, bad CRCs). Flag bits and
+# compression methods it cannot read are refused by name before any member is opened.
+_ZIP_ERRORS = (zipfile.BadZipFile, OSError, EOFError, ValueError)
+# General-purpose flag bits torch.save never sets: encrypted (0), compressed patch data (5),
+# strong encryption (6).
+_UNSUPPORTED_FLAGS = 0x61
 LIGHTNING_CHECKPOINT_CALLBACK = "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"
 
 
@@ -167,6 +170,10 @@ def _check_archive(path: Path, *, trust_pickle: bool) -> zipfile.ZipFile | None:
         packed = [i.filename for i in archive.infolist() if i.compress_type != zipfile.ZIP_STORED]
         if packed:
             raise CheckpointError(f"{path} is not a PyTorch checkpoint: {packed[0]} is compressed")
+        flagged = [i.filename for i in archive.infolist() if i.flag_bits & _UNSUPPORTED_FLAGS]
+        if flagged:
+            raise CheckpointError(f"{path} is damaged or not a PyTorch checkpoint: {flagged[0]} "
+                                  "is marked encrypted or patched")
         # torch does not check the archive's CRCs; a flipped bit in a tensor would load silently.
         for info in archive.infolist():
             with archive.open(info) as member:

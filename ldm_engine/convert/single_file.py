@@ -58,13 +58,18 @@ def file_kind(path: str | os.PathLike) -> FileKind:
     return "ckpt" if head == b"PK\x03\x04" else "safetensors"
 
 
-def read_single_file(path: str | os.PathLike, *, trust_pickle: bool = False) -> SingleFile:
+def _open_kind(path: str | os.PathLike) -> tuple[Path, FileKind, dict | None]:
+    """(path, kind, safetensors header or None), failing first on a missing or damaged file."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     kind = file_kind(path)
-    if kind == "safetensors":
-        header = check_safetensors(path)
+    return path, kind, check_safetensors(path) if kind == "safetensors" else None
+
+
+def read_single_file(path: str | os.PathLike, *, trust_pickle: bool = False) -> SingleFile:
+    path, kind, header = _open_kind(path)
+    if header is not None:
         try:
             tensors = safetensors.torch.load_file(path)
         except (safetensors.SafetensorError, OSError, RuntimeError, ValueError) as e:
@@ -79,12 +84,8 @@ def read_shapes(path: str | os.PathLike, *, trust_pickle: bool = False
                 ) -> tuple[FileKind, dict[str, tuple[tuple[int, ...], str]], dict[str, str], dict]:
     """(kind, {key: (shape, dtype name)}, metadata, extras) with as little reading as possible:
     a safetensors header only; a ckpt must be unpickled and checked whole."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    kind = file_kind(path)
-    if kind == "safetensors":
-        header = check_safetensors(path)
+    path, kind, header = _open_kind(path)
+    if header is not None:
         entries = {k: (tuple(v["shape"]), v["dtype"])
                    for k, v in header.items() if k != "__metadata__"}
         return kind, entries, dict(header.get("__metadata__", {})), {}
