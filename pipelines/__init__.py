@@ -3,7 +3,8 @@
 import ldm_engine  # noqa: F401  (first: sets torch's allocator options before torch loads)
 
 from .base import GenerationResult, Pipeline
-from .params import GenerationParams, read_png_params, save_png
+from .params import GenerationParams
+from .pnginfo import read_png_params, save_png
 from .txt2img import TextToImage
 
 __all__ = ["GenerationParams", "GenerationResult", "Pipeline", "TextToImage", "read_png_params",

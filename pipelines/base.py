@@ -17,7 +17,8 @@ from ldm_engine.errors import NonFiniteError, UserInputError
 from ldm_engine.precision import resolve_device, resolve_dtype
 
 from .guidance import Guidance, UNetFn
-from .params import GenerationParams, save_png
+from .params import GenerationParams
+from .pnginfo import save_png
 from .speed import Accelerated, Attention, SpeedOptions
 
 log = logging.getLogger("ldm_engine.pipelines")
@@ -78,12 +79,15 @@ def make_generators(n: int, seed: int | None,
 
 class Pipeline:
     def __init__(self, components: Components, *, name: str = "",
-                 speed: SpeedOptions | None = None, unet_file: Path | None = None):
+                 speed: SpeedOptions | None = None, unet_file: Path | None = None,
+                 source: Path | None = None):
         # Not forced into eval mode here: training samples with its live networks and must get
         # them back unchanged (loaded models are already in eval mode). Without speed options the
         # networks are used exactly as given; with them, they may be re-laid out and compiled.
         self.components = components
         self.name = name
+        # The folder or file the weights came from (None: built in memory, e.g. by training).
+        self.source = source
         self.accelerated = (Accelerated(components.unet, components.vae, speed,
                                         unet_file=unet_file) if speed is not None else None)
 
@@ -106,7 +110,7 @@ class Pipeline:
         components = load_model(path, device=where, dtype=precision,
                                 channels_last=speed.uses_channels_last(precision))
         return cls(components, name=Path(path).name, speed=speed,
-                   unet_file=Path(path) / UNET_WEIGHTS)
+                   unet_file=Path(path) / UNET_WEIGHTS, source=Path(path))
 
     @property
     def device(self) -> torch.device:

@@ -1,27 +1,15 @@
-"""What one generated image was made with, validated before any compute, and its PNG form.
+"""What one generated image was made with, validated before any compute.
 
-Saved PNGs carry the parameters in a ``parameters`` text chunk in the AUTOMATIC1111 layout that
-image browsers and other UIs already read::
-
-    a red circle on the left
-    Negative prompt: blurry
-    Steps: 20, Sampler: ddim, CFG scale: 7.5, Seed: 42, Size: 512x512, Eta: 0.0, Model: default
-
-so ``ldm generate --from-image x.png`` can make the same image again.
+Its PNG form (the AUTOMATIC1111 ``parameters`` text) is in ``pipelines.pnginfo``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import re
 from dataclasses import dataclass
 
-from PIL import Image, PngImagePlugin
-
 from ldm_engine.errors import UserInputError
-from ldm_engine.fsutil import atomic_path
 from schedulers import SAMPLERS
 
 
@@ -43,55 +31,17 @@ class GenerationParams:
                       eta=self.eta, height=self.height, width=self.width, vae_factor=vae_factor)
 
     def to_png_text(self) -> str:
-        lines = [self.prompt]
-        if self.negative_prompt:
-            lines.append(f"Negative prompt: {self.negative_prompt}")
-        fields = [("Steps", self.steps), ("Sampler", self.sampler),
-                  ("CFG scale", _num(self.guidance_scale)), ("Seed", self.seed),
-                  ("Size", f"{self.width}x{self.height}"), ("Eta", _num(self.eta))]
-        if self.model:
-            fields.append(("Model", self.model))
-        lines.append(", ".join(f"{k}: {v}" for k, v in fields))
-        return "\n".join(lines)
+        """The A1111 ``parameters`` text (see pipelines.pnginfo)."""
+        from .pnginfo import format_parameters
+        return format_parameters(self)
 
     @classmethod
     def from_png_text(cls, text: str) -> "GenerationParams":
-        lines = text.rstrip("\n").split("\n")
-        if not lines or not _SETTINGS_LINE.match(lines[-1]):
-            raise UserInputError("PNG parameters have no settings line (Steps: ..., Seed: ...)")
-        settings = dict(_parse_settings(lines[-1]))
-        body = lines[:-1]
-        negative = ""
-        for k, line in enumerate(body):
-            if line.startswith("Negative prompt: "):
-                negative = "\n".join([line[len("Negative prompt: "):]] + body[k + 1:])
-                body = body[:k]
-                break
-        try:
-            width, height = (int(v) for v in settings["Size"].split("x"))
-            return cls(prompt="\n".join(body), negative_prompt=negative,
-                       steps=int(settings["Steps"]), guidance_scale=float(settings["CFG scale"]),
-                       sampler=settings["Sampler"].lower(), eta=float(settings.get("Eta", 0.0)),
-                       height=height, width=width, seed=int(settings["Seed"]),
-                       model=settings.get("Model", ""))
-        except (KeyError, ValueError) as e:
-            raise UserInputError(f"PNG parameters are incomplete or malformed ({e})") from None
+        from .pnginfo import parse_parameters
+        return parse_parameters(text)
 
     def replace(self, **changes) -> "GenerationParams":
         return dataclasses.replace(self, **changes)
-
-
-_SETTINGS_LINE = re.compile(r"^(?:[A-Za-z][\w ]*: [^,]*)(?:, [A-Za-z][\w ]*: [^,]*)*$")
-
-
-def _parse_settings(line: str):
-    for part in line.split(", "):
-        key, _, value = part.partition(": ")
-        yield key.strip(), value.strip()
-
-
-def _num(x: float) -> str:
-    return repr(float(x))
 
 
 def check_request(*, steps: int, guidance_scale: float, sampler: str, eta: float, height: int,
@@ -114,22 +64,3 @@ def check_request(*, steps: int, guidance_scale: float, sampler: str, eta: float
     if sampler not in SAMPLERS:
         raise UserInputError(
             f"unknown sampler {sampler!r}; valid samplers: {', '.join(sorted(SAMPLERS))}")
-
-
-def save_png(image: Image.Image, path: str | os.PathLike, params: GenerationParams) -> None:
-    """Write a PNG with its parameters chunk, atomically (temp file, fsync, rename)."""
-    info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", params.to_png_text())
-    with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG", pnginfo=info)
-
-
-def read_png_params(path: str | os.PathLike) -> GenerationParams:
-    try:
-        with Image.open(path) as im:
-            text = im.text.get("parameters") if hasattr(im, "text") else None
-    except (OSError, FileNotFoundError) as e:
-        raise UserInputError(f"cannot read image {path}: {e}") from None
-    if not text:
-        raise UserInputError(f"{path} carries no generation parameters (no 'parameters' PNG chunk)")
-    return GenerationParams.from_png_text(text)
