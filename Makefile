@@ -17,13 +17,8 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH)"
 	@# Pin whatever torch is now in the venv, so nothing below swaps it for another build.
 	$(PY) -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(VENV)/constraints.txt
+	@# CLIP's BPE vocabulary comes from openai-clip (ftfy, regex, tqdm: no torchvision).
 	$(PIP) install -q -c $(VENV)/constraints.txt -e ".[dev]"
-	@# open_clip_torch pulls torchvision (and timm, which imports it); the index's torchvision is
-	@# built against the CUDA torch, and on a CPU-only torch its C ops fail to register, which breaks
-	@# `import diffusers` and `accelerate launch`. We only need open_clip's BPE file, so whichever of
-	@# the two cannot import is removed.
-	$(PY) -c "import torchvision" 2>/dev/null || $(PIP) uninstall -y -q torchvision
-	$(PY) -c "import timm" 2>/dev/null || $(PIP) uninstall -y -q timm
 	touch $@
 
 test: install
@@ -48,10 +43,12 @@ eval: install
 	$(VENV)/bin/ldm eval --grid docs/heldout-grid.png
 
 # Trains CLIP, VAE and UNet from scratch on the shapes world (2 CPU cores, < 60 min) and writes
-# the bundled model; the log goes to runs/default/train.log.
+# the bundled model; the log goes to runs/default/train.log. The only command that writes into
+# ldm_engine/models/default: training refuses a model_dir there unless the command line names it.
 train-default: install
 	mkdir -p runs/default
-	PYTHONUNBUFFERED=1 $(PY) -m train train/configs/default.yaml 2>&1 | tee runs/default/train.log
+	PYTHONUNBUFFERED=1 $(PY) -m train train/configs/default.yaml \
+		model_dir=ldm_engine/models/default 2>&1 | tee runs/default/train.log
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

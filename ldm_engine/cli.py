@@ -7,11 +7,20 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
+import os
 import sys
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import UserInputError
+from .limits import MAX_AREA_FACTOR, MAX_IMAGES, MAX_SIDE_FACTOR   # (no torch: keeps --help fast)
+
+if TYPE_CHECKING:
+    from pipelines import GenerationParams
+
+    from .config_check import ModelShape
 
 # As ldm_engine.precision.DTYPE_CHOICES, spelled out so `ldm --help` need not import torch.
 DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
@@ -27,13 +36,13 @@ def _default_model() -> Path:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from pipelines import GenerationParams, TextToImage, read_png_params
-    from pipelines.params import check_request
+    from pipelines import GenerationParams, InexactRemakeWarning, TextToImage, read_png_params
 
-    from .components import vae_factor_of
+    from .components import model_shape_of, vae_factor_of
 
     if args.from_image:
-        base = read_png_params(args.from_image)
+        with _warnings_to_stderr("generate", InexactRemakeWarning):
+            base = read_png_params(args.from_image)
         if args.prompt is not None:
             base = base.replace(prompt=args.prompt)
     elif args.prompt is None:
@@ -43,32 +52,104 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                    ("sampler", args.sampler), ("eta", args.eta),
                                    ("height", args.height), ("width", args.width)) if v is not None}
     model = Path(args.model) if args.model else _default_model()
-    # Bad arguments are reported before the (possibly multi-GB) weights are read.
-    factor = vae_factor_of(model)
+    # Bad arguments are reported before the (possibly multi-GB) weights are read. A folder's
+    # configs give the size limits now; a single file's are known once it is converted, and the
+    # pipeline checks the request against them again before any compute.
+    shape = model_shape_of(model)
+    factor = shape.vae_factor if shape is not None else vae_factor_of(model)
     if args.from_image:
         request = base.replace(**overrides)
         request.validate(factor)
     else:
-        request = GenerationParams(prompt=args.prompt, **({"steps": 30} | overrides))
-        check_request(steps=request.steps, guidance_scale=request.guidance_scale,
-                      sampler=request.sampler, eta=request.eta, height=args.height or factor,
-                      width=args.width or factor, vae_factor=factor)
+        # Without --height/--width the model's native size (factor: a stand-in until it is known).
+        native = shape.native_side if shape is not None else factor
+        request = GenerationParams(prompt=args.prompt, **({"steps": 30, "height": native,
+                                                           "width": native} | overrides))
     if args.num_images < 1:
         raise UserInputError(f"--num-images must be at least 1, got {args.num_images}")
-    pipe = TextToImage.from_folder(model, device=args.device, dtype=args.dtype,
-                                   compile=args.compile, deep_cache=args.deep_cache,
-                                   vae_tiling=args.vae_tiling, attention=args.attention)
+    num_images = 1 if args.from_image else args.num_images
+    _check_request_early(request, model, shape, factor, num_images=num_images,
+                         seeded=bool(args.from_image) or args.seed is not None,
+                         allow_large=args.no_size_limit, out=args.out)
+    # The load-time choices that change pixels: as given, else a re-made image's own (so it
+    # comes out the same), else the defaults.
+    given = {"dtype": args.dtype, "deep_cache": args.deep_cache, "vae_tiling": args.vae_tiling}
+    fallback = ({k: getattr(base, k) for k in given} if args.from_image else
+                {"dtype": "auto", "deep_cache": 1, "vae_tiling": False})
+    pixel_settings = {k: fallback[k] if v is None else v for k, v in given.items()}
+    pipe = TextToImage.from_folder(model, device=args.device, compile=args.compile,
+                                   attention=args.attention, **pixel_settings)
     if args.from_image:
-        result = pipe.regenerate(request, progress=not args.quiet)
+        # What the command line changed is wanted; only a different model is worth a warning.
+        with _warnings_to_stderr("generate", InexactRemakeWarning):
+            result = pipe.regenerate(request.replace(**pipe.pixel_settings()),
+                                     progress=not args.quiet, allow_large=args.no_size_limit)
     else:
         result = pipe(request.prompt, negative_prompt=request.negative_prompt,
                       num_inference_steps=request.steps, guidance_scale=request.guidance_scale,
                       sampler=request.sampler, eta=request.eta, height=args.height,
                       width=args.width, num_images_per_prompt=args.num_images, seed=args.seed,
-                      progress=not args.quiet)
+                      progress=not args.quiet, allow_large=args.no_size_limit)
     for path in result.save(args.out):
         print(path)
     return 0
+
+
+def _check_request_early(request: GenerationParams, model: Path, shape: ModelShape | None,
+                         factor: int, *, num_images: int, seeded: bool, allow_large: bool,
+                         out: str) -> None:
+    """Everything about a request that can be wrong, checked before the weights are read."""
+    from pipelines.base import as_prompt_list, output_paths
+    from pipelines.params import check_request
+    from pipelines.pnginfo import check_storable
+    from schedulers import load_schedule_config
+
+    # check_model_folder (via model_shape_of) has validated the scheduler config already.
+    schedule = load_schedule_config(model / "scheduler") if shape is not None else None
+    check_request(steps=request.steps, guidance_scale=request.guidance_scale,
+                  sampler=request.sampler, eta=request.eta, height=request.height,
+                  width=request.width, vae_factor=factor,
+                  seed=request.seed if seeded else None, num_images=num_images,
+                  schedule=schedule, shape=shape, allow_large=allow_large)
+    check_storable(as_prompt_list(request.prompt))
+    check_storable(as_prompt_list(request.negative_prompt, "negative prompt"), "negative prompt")
+    check_writable(output_paths(out, num_images))
+
+
+def check_writable(paths: list[Path]) -> None:
+    """Refuse destinations a PNG cannot be written to, before the generation they would lose.
+
+    Each is written as a temporary beside it and renamed over it (fsutil.atomic_path), so what
+    matters is the folder: it must exist and accept a new file, which is tried (with the same
+    temporary naming, removed at once) because permission bits alone do not say so (root, ACLs,
+    read-only mounts, /proc).
+    """
+    from .fsutil import temp_path
+
+    probed: set[Path] = set()
+    for path in paths:
+        folder = path.parent
+        if not folder.is_dir():
+            raise UserInputError(f"--out {path}: folder {folder} does not exist")
+        try:
+            name_max = os.pathconf(folder, "PC_NAME_MAX")
+        except (OSError, ValueError):
+            name_max = 255
+        if len(os.fsencode(path.name)) > name_max:
+            raise UserInputError(f"--out {path}: the file name is longer than {name_max} bytes")
+        if path.is_dir():
+            raise UserInputError(f"--out {path} is a folder; give a file name such as "
+                                 f"{path / 'image.png'}")
+        if folder in probed:
+            continue
+        probe = temp_path(path)
+        try:
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            os.unlink(probe)
+        except OSError as e:
+            raise UserInputError(f"--out {path}: cannot write into {folder} "
+                                 f"({e.strerror or e})") from None
+        probed.add(folder)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -93,23 +174,77 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def one_line(text: object) -> str:
+    """A message as one printable line: its lines joined by spaces, and characters stderr could
+    not encode (lone surrogates from undecodable argv bytes) as escapes."""
+    line = " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+    return line.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 @contextlib.contextmanager
-def _warnings_to_stderr(command: str):
-    """--trust-pickle's warning as an `ldm CMD: warning:` line, the moment it is raised."""
+def _warnings_to_stderr(command: str, *categories: type[Warning]):
+    """Every Python warning as one `ldm CMD: warning: ...` line, with no source line.
+
+    --trust-pickle's warning and `categories` are shown every time they are raised; others
+    follow Python's filters (once per place). main() wraps every command in this; a command may
+    nest it to make more categories show every time.
+    """
     from .convert.ckpt import UnsafeLoadWarning
 
     with warnings.catch_warnings():
-        warnings.simplefilter("always", UnsafeLoadWarning)
-        default = warnings.showwarning
+        for category in (UnsafeLoadWarning, *categories):
+            warnings.simplefilter("always", category)
 
         def show(message, category, filename, lineno, file=None, line=None):
-            if issubclass(category, UnsafeLoadWarning):
-                print(f"ldm {command}: warning: {message}", file=sys.stderr, flush=True)
-            else:
-                default(message, category, filename, lineno, file, line)
+            print(f"ldm {command}: warning: {one_line(message)}", file=sys.stderr, flush=True)
 
         warnings.showwarning = show
         yield
+
+
+class _OneLineLogHandler(logging.Handler):
+    def __init__(self, command: str):
+        super().__init__(logging.WARNING)
+        self.command = command
+
+    def emit(self, record: logging.LogRecord) -> None:
+        level = "warning" if record.levelno < logging.ERROR else "error"
+        try:
+            message = one_line(record.getMessage())
+        except Exception:                       # a bad %-format in some library's call
+            message = one_line(record.msg)
+        print(f"ldm {self.command}: {level}: {message}", file=sys.stderr, flush=True)
+
+
+# Libraries that print their log records through their own stderr handler rather than the root
+# logger's (transformers, diffusers: multi-line messages, no `ldm CMD:` prefix).
+_LIBRARY_LOGGERS = ("transformers", "diffusers")
+
+
+@contextlib.contextmanager
+def _logs_to_stderr(command: str):
+    """Logged warnings (ours, transformers', diffusers') as one `ldm CMD: warning:` line each."""
+    # Every command imports these anyway; components first, as it makes sure no hub is
+    # contacted (HF_HUB_OFFLINE) before huggingface_hub reads its settings.
+    from . import components  # noqa: F401
+
+    handler = _OneLineLogHandler(command)
+    root = logging.getLogger()
+    saved = {}
+    for name in _LIBRARY_LOGGERS:
+        lib = logging.getLogger(name)
+        saved[name] = (lib.handlers[:], lib.propagate)
+        lib.handlers[:] = []
+        lib.propagate = True
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        for name, (handlers, propagate) in saved.items():
+            lib = logging.getLogger(name)
+            lib.handlers[:] = handlers
+            lib.propagate = propagate
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -124,13 +259,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line usage error instead of the whole usage block (exit status 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ldm", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="ldm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="text to image")
     g.add_argument("prompt", nargs="?", help="what to draw")
-    g.add_argument("--model", help="diffusers-layout model folder (default: the bundled model)")
+    g.add_argument("--model", help="diffusers-layout model folder, or an SD-1.x/2.x .safetensors "
+                                   "or .ckpt single file, used without writing anything (default: "
+                                   "the bundled model)")
     g.add_argument("--out", default="image.png",
                    help="PNG to write; with several images name-0.png, name-1.png, ...")
     g.add_argument("--negative", help="negative prompt")
@@ -139,24 +283,35 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, help="seed; image k of a run uses seed + k (default random)")
     g.add_argument("--sampler", help="ddim or ddpm (default ddim)")
     g.add_argument("--eta", type=float, help="DDIM eta: 0 deterministic, 1 DDPM-like (default 0)")
-    g.add_argument("--height", type=int, help="multiple of 8 (default: the model's native size)")
-    g.add_argument("--width", type=int, help="multiple of 8 (default: the model's native size)")
-    g.add_argument("--num-images", type=int, default=1, help="images for the prompt (default 1)")
-    g.add_argument("--from-image", help="re-make a PNG from its embedded parameters")
+    for side in ("height", "width"):
+        g.add_argument(f"--{side}", type=int,
+                       help="pixels, a multiple of the model's VAE factor: 8 for SD, 4 for the "
+                            "bundled model (default: the model's native size)")
+    g.add_argument("--num-images", type=int, default=1,
+                   help=f"images for the prompt (default 1, at most {MAX_IMAGES})")
+    g.add_argument("--no-size-limit", action="store_true",
+                   help=f"allow sides over {MAX_SIDE_FACTOR}x and areas over {MAX_AREA_FACTOR}x "
+                        f"the model's native size and more than {MAX_IMAGES} images, and check "
+                        "the memory estimate against total rather than free memory")
+    g.add_argument("--from-image", metavar="PNG",
+                   help="re-make a PNG from its A1111 parameters (with its dtype, deep cache and "
+                        "tiling); other options given override the PNG's")
     g.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
-    g.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+    g.add_argument("--dtype", choices=DTYPE_CHOICES,
                    help="weights' precision; auto: bf16 on CPUs with native bf16, fp16 on CUDA, "
-                        "else fp32 (default auto)")
+                        "else fp32 (default auto; with --from-image the PNG's, fp32 if it names "
+                        "none)")
     g.add_argument("--compile", action="store_true",
-                   help="AOT-compile the UNet and VAE decoder with frozen weights (one-time "
-                        "cost per model and size, cached in ~/.cache/ldm-engine)")
+                   help="AOT-compile the UNet with frozen weights (one-time cost per model and "
+                        "size, cached in ~/.cache/ldm-engine); the VAE stays eager")
     g.add_argument("--attention", default="sdpa", choices=("sdpa", "xformers"),
                    help="attention kernels: torch SDPA (default) or xformers (CUDA only)")
-    g.add_argument("--deep-cache", type=int, default=1, metavar="N",
+    g.add_argument("--deep-cache", type=int, metavar="N",
                    help="APPROXIMATE: run the deep UNet blocks every N-th step only (default 1 = "
-                        "off; 3 is the usual choice)")
-    g.add_argument("--vae-tiling", action="store_true",
-                   help="APPROXIMATE: decode in overlapping tiles to bound memory on large images")
+                        "off, or with --from-image the PNG's; 3 is the usual choice)")
+    g.add_argument("--vae-tiling", action=argparse.BooleanOptionalAction,
+                   help="APPROXIMATE: decode in overlapping tiles to bound memory on large images "
+                        "(default off, or with --from-image the PNG's)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=cmd_generate)
 
@@ -208,11 +363,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:         # --help (0), or a usage error already printed as one line
+        return e.code if isinstance(e.code, int) else 2
+    try:
+        with _warnings_to_stderr(args.command), _logs_to_stderr(args.command):
+            return args.func(args)
     except (UserInputError, OSError) as e:
-        print(f"ldm {args.command}: error: {e}", file=sys.stderr)
+        print(f"ldm {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -24,15 +24,25 @@ from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
 from schedulers import ScheduleConfig, load_schedule_config  # noqa: E402
 
+from .config_check import (ModelShape, check_model_configs, check_scheduler_config,  # noqa: E402
+                           read_config_file)
 from .configs import FAMILIES, ModelFamily  # noqa: E402
 from .errors import ModelFolderError  # noqa: E402
 from .formats import check_safetensors, read_safetensors  # noqa: E402
-from .fsutil import atomic_dir  # noqa: E402
+from .fsutil import atomic_dir, restore_aside  # noqa: E402
 from .tokenizer import SDTokenizer  # noqa: E402
 
 UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
 VAE_WEIGHTS = "vae/diffusion_pytorch_model.safetensors"
 TEXT_WEIGHTS = "text_encoder/model.safetensors"
+# The `dtype` every text_encoder/config.json we write names, whatever the weights' dtype. Loaded
+# with no dtype argument, transformers 5 takes the config's `dtype` ("auto"), else the weights'
+# own; diffusers' networks load in float32. An fp16 folder whose config named float16 (as
+# save_pretrained writes) therefore loaded in diffusers as an fp16 text encoder feeding an fp32
+# UNet, and generation failed on the dtype mismatch. Naming float32 makes a plain
+# `StableDiffusionPipeline.from_pretrained(folder)` load everything in float32 (fp16 weights are
+# upcast exactly); an explicit torch_dtype still applies to all components alike.
+TEXT_CONFIG_DTYPE = torch.float32
 REQUIRED_FILES = (
     "model_index.json",
     "unet/config.json", UNET_WEIGHTS,
@@ -40,6 +50,8 @@ REQUIRED_FILES = (
     "text_encoder/config.json", TEXT_WEIGHTS,
     "scheduler/scheduler_config.json",
 )
+NETWORK_CONFIGS = {"unet": "unet/config.json", "vae": "vae/config.json",
+                   "text_encoder": "text_encoder/config.json"}
 
 
 @dataclass
@@ -57,6 +69,12 @@ class Components:
     @property
     def latent_channels(self) -> int:
         return self.unet.config.in_channels
+
+    @property
+    def shape(self) -> ModelShape:
+        """The networks' architecture as config_check sees it (for size and memory limits)."""
+        return check_model_configs(dict(self.unet.config), dict(self.vae.config),
+                                   self.text_encoder.config.to_dict())
 
     @property
     def device(self) -> torch.device:
@@ -102,20 +120,30 @@ def detect_family(unet_config: dict, text_config: dict) -> str:
 
 
 def _read_json(path: Path) -> dict:
+    return read_config_file(path)
+
+
+def _check_configs(root: Path) -> ModelShape:
+    """Every config the loaders read, by type and range (config_check), before they read it."""
+    configs = {name: _read_json(root / rel) for name, rel in NETWORK_CONFIGS.items()}
+    shape = check_model_configs(configs["unet"], configs["vae"], configs["text_encoder"],
+                                where={name: str(root / rel)
+                                       for name, rel in NETWORK_CONFIGS.items()})
+    scheduler = root / "scheduler/scheduler_config.json"
+    scheduler_cfg = _read_json(scheduler)
+    check_scheduler_config(scheduler_cfg, str(scheduler))
     try:
-        with open(path) as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ModelFolderError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise ModelFolderError(f"{path} must hold a JSON object")
-    return data
+        ScheduleConfig.from_dict(scheduler_cfg)
+    except ValueError as e:
+        raise ModelFolderError(f"{scheduler}: {e}") from None
+    return shape
 
 
 def check_model_folder(path: str | os.PathLike) -> Path:
-    """Fail before any loading if the folder is missing a file, naming the first one missing."""
+    """Fail before any loading if the folder is missing a file (naming the first one missing), or
+    a weights file is malformed, or a config has a field of the wrong type or range."""
     root = Path(path)
-    if not root.is_dir():
+    if not root.is_dir() and not restore_aside(root):  # a replace killed between two renames
         raise ModelFolderError(f"model folder not found: {root}")
     for rel in REQUIRED_FILES:
         if not (root / rel).is_file():
@@ -125,7 +153,20 @@ def check_model_folder(path: str | os.PathLike) -> Path:
             raise ModelFolderError(f"incomplete model folder {root}: missing {rel}{hint}")
     for rel in (UNET_WEIGHTS, VAE_WEIGHTS, TEXT_WEIGHTS):
         check_safetensors(root / rel)
+    _check_configs(root)
     return root
+
+
+def model_shape_of(path: str | os.PathLike) -> ModelShape | None:
+    """A folder's architecture from its validated configs, without loading any weights.
+
+    None for a single file, whose configs are only known once it is converted (the pipeline
+    checks a request against the loaded networks again before any compute).
+    """
+    if Path(path).is_file():
+        return None
+    root = check_model_folder(path)
+    return _check_configs(root)          # (validated above; read again for the shape: 2 KB)
 
 
 def _load_lean(cls, folder: Path, dtype: torch.dtype, channels_last: bool):
@@ -151,8 +192,14 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32, channels_last: bool = False) -> Components:
     """Load a diffusers-layout SD folder from local disk (weights cast to dtype, eval mode).
 
-    channels_last lays the UNet's and VAE's convolution weights out channels-last as they load.
+    A file (.safetensors, .ckpt) is an SD-1.x/2.x single file, converted in memory as
+    `ldm convert` reads it (convert.to_components). channels_last lays the UNet's and VAE's
+    convolution weights out channels-last as they load.
     """
+    if Path(path).is_file():
+        from .convert.to_components import load_single_file   # convert builds on this module
+
+        return load_single_file(path, device=device, dtype=dtype, channels_last=channels_last)
     root = check_model_folder(path)
     unet_cfg = _read_json(root / "unet/config.json")
     text_cfg = _read_json(root / "text_encoder/config.json")
@@ -161,10 +208,17 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu",
     try:
         unet = _load_lean(UNet2DConditionModel, root / "unet", dtype, channels_last)
         vae = _load_lean(AutoencoderKL, root / "vae", dtype, channels_last)
-        text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", dtype=dtype,
-                                                     local_files_only=True)
+        # Either key spelling loads: `text_model.*` (published folders, ours) or unprefixed
+        # (transformers 5's save_pretrained).
+        text_encoder, loading = CLIPTextModel.from_pretrained(
+            root / "text_encoder", dtype=dtype, local_files_only=True, output_loading_info=True)
     except (OSError, ValueError, RuntimeError) as e:
         raise ModelFolderError(f"cannot load model folder {root}: {e}") from e
+    # transformers gives weights missing from the file random values and only logs it.
+    if loading["missing_keys"]:
+        missing = sorted(loading["missing_keys"])
+        raise ModelFolderError(f"{root / TEXT_WEIGHTS} lacks {len(missing)} text-encoder "
+                               f"weights, e.g. {', '.join(missing[:3])}")
     if (root / "tokenizer").is_dir():
         tokenizer = SDTokenizer.from_folder(root / "tokenizer")
     else:
@@ -179,9 +233,13 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu",
 
 
 def vae_factor_of(path: str | os.PathLike) -> int:
-    """The VAE's spatial factor, read from a folder's config without loading any weights."""
-    root = check_model_folder(path)
-    return 2 ** (len(_read_json(root / "vae/config.json")["block_out_channels"]) - 1)
+    """The VAE's spatial factor, read from a folder's config (or a single file's header) without
+    loading any weights."""
+    if Path(path).is_file():
+        from .convert.to_components import single_file_vae_factor
+
+        return single_file_vae_factor(path)
+    return model_shape_of(path).vae_factor
 
 
 def _save_weights(module: torch.nn.Module, file: Path, dtype: torch.dtype | None,
@@ -202,10 +260,9 @@ def save_text_encoder(text_encoder: CLIPTextModel, directory: Path,
     it too, so that is what we write.
     """
     directory.mkdir(parents=True, exist_ok=True)
-    config = text_encoder.config
-    if dtype is not None:
-        config = CLIPTextConfig.from_dict(config.to_dict())
-        config.dtype = dtype
+    # A copy: the loaded model's own config records the dtype it was loaded in.
+    config = CLIPTextConfig.from_dict(text_encoder.config.to_dict())
+    config.dtype = TEXT_CONFIG_DTYPE
     config.save_pretrained(directory)
     _save_weights(text_encoder, directory / "model.safetensors", dtype, prefix="text_model.")
 

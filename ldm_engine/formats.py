@@ -20,12 +20,64 @@ DTYPE_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2
                "C64": 8}
 
 
+class _BadHeader(ValueError):
+    """Internal: why a header is malformed; reported as one "not a valid safetensors file" line."""
+
+
+# safetensors stores sizes and offsets as u64; any larger number is malformed, and refusing it
+# before int() also keeps a 100 MiB header of digits from costing quadratic time to convert.
+_MAX_U64 = 2**64 - 1
+_MAX_INT_DIGITS = len(str(_MAX_U64))
+
+
+def _parse_int(text: str) -> int:
+    if len(text.lstrip("-")) > _MAX_INT_DIGITS:
+        raise _BadHeader(f"an integer of {len(text)} digits")
+    return int(text)
+
+
+def _parse_constant(text: str) -> float:
+    raise _BadHeader(f"{text} is not JSON")
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    # json.loads keeps the last of repeated keys silently; safetensors' own parser and other
+    # tools may keep another, so a file with two answers for one name is refused.
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise _BadHeader(f"key {key!r} appears twice")
+        out[key] = value
+    return out
+
+
+def _parse_header(raw: bytes) -> dict:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _BadHeader(f"the header is not UTF-8 ({e.reason} at byte {e.start})") from None
+    try:
+        header = json.loads(text, object_pairs_hook=_no_duplicates, parse_int=_parse_int,
+                            parse_constant=_parse_constant)
+    except json.JSONDecodeError as e:
+        raise _BadHeader(f"the header is not JSON ({e.msg} at character {e.pos})") from None
+    except RecursionError:
+        raise _BadHeader("the header is nested too deeply") from None
+    except ValueError as e:  # _BadHeader, or anything else json's number parsing raises
+        raise _BadHeader(str(e)[:200] or "the header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise _BadHeader(f"the header is a JSON {type(header).__name__}, not an object")
+    return header
+
+
 def check_safetensors(path: str | os.PathLike) -> dict:
-    """Validate a safetensors file's framing and return its parsed header.
+    """Validate a safetensors file's framing and header; return the parsed header.
 
     Catches what users actually hit: zero-byte or truncated downloads, a git-LFS pointer checked out
     instead of the weights, and files that are not safetensors at all -- with a message naming the
-    file, instead of a deep Rust error from the loader.
+    file, instead of a deep Rust error from the loader. Every malformed header (wrong JSON types,
+    repeated keys, numbers beyond u64, offsets that overlap, leave gaps or run past the end) gets
+    one error: "PATH is not a valid safetensors file: REASON".
     """
     path = Path(path)
     try:
@@ -48,74 +100,92 @@ def check_safetensors(path: str | os.PathLike) -> dict:
                 " it may be truncated or in another format")
         raw = f.read(n)
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise ModelFolderError(f"{path} has a corrupt safetensors header: {e!s:.200}") from None
-    if not isinstance(header, dict):
-        raise ModelFolderError(f"{path} has a corrupt safetensors header (not a JSON object)")
+        header = _parse_header(raw)
+        _check_header(header, size - 8 - n)
+    except _BadHeader as e:
+        raise ModelFolderError(f"{path} is not a valid safetensors file: {e}") from None
+    return header
+
+
+def _check_header(header: dict, data_len: int) -> None:
     meta = header.get("__metadata__", {})
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
-        raise ModelFolderError(f"{path}: __metadata__ must map names to strings")
-    data_len = size - 8 - n
+        raise _BadHeader("__metadata__ must map names to strings")
     spans = []
     for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        spans.append((*_tensor_span(path, name, info, data_len), name))
+        if name != "__metadata__":
+            spans.append((*_tensor_span(name, info, data_len), name))
     # The loader requires the tensors to tile the buffer exactly: no overlap, no gap, no tail.
     spans.sort()
     end = 0
     for start, stop, name in spans:
         if start < end:
-            raise ModelFolderError(
-                f"{path}: tensor {name!r} overlaps the tensor before it in the file")
+            raise _BadHeader(f"tensor {name!r} overlaps the tensor before it in the file")
         if start > end:
-            raise ModelFolderError(f"{path}: unused bytes {end}..{start} before tensor {name!r}")
+            raise _BadHeader(f"unused bytes {end}..{start} before tensor {name!r}")
         end = stop
     if end != data_len:
-        raise ModelFolderError(
-            f"{path}: the tensors cover {end} of the {data_len} data bytes (corrupt header)")
-    return header
+        raise _BadHeader(f"the tensors cover {end} of the {data_len} data bytes")
 
 
-def _tensor_span(path: Path, name: str, info: object, data_len: int) -> tuple[int, int]:
-    """Validate one header entry (dtype, shape, offsets agree) and return its byte span."""
+def _tensor_span(name: str, info: object, data_len: int) -> tuple[int, int]:
+    """Validate one header entry (types first, then dtype, shape and offsets agree): its span."""
     if not isinstance(info, dict):
-        raise ModelFolderError(f"{path}: header entry {name!r} is not an object")
-    try:
-        start, end = (_index(v) for v in info["data_offsets"])
-    except (TypeError, KeyError, ValueError):
-        raise ModelFolderError(f"{path}: tensor {name!r} has no valid data_offsets") from None
+        raise _BadHeader(f"header entry {name!r} is a JSON {_json_type(info)}, not an object")
+    offsets = info.get("data_offsets")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_index, offsets))):
+        raise _BadHeader(f"tensor {name!r} has invalid data_offsets {_short(offsets)} "
+                         "(want [start, end], integers >= 0)")
+    start, end = offsets
     shape = info.get("shape")
-    if not isinstance(shape, list) or not all(_is_index(d) for d in shape):
-        raise ModelFolderError(f"{path}: tensor {name!r} has an invalid shape {shape!r}")
-    itemsize = DTYPE_SIZES.get(info.get("dtype"))
+    if not isinstance(shape, list) or not all(map(_is_index, shape)):
+        raise _BadHeader(f"tensor {name!r} has an invalid shape {_short(shape)}")
+    dtype = info.get("dtype")
+    itemsize = DTYPE_SIZES.get(dtype) if isinstance(dtype, str) else None
     if itemsize is None:
-        raise ModelFolderError(
-            f"{path}: tensor {name!r} has an unsupported dtype {info.get('dtype')!r}")
+        raise _BadHeader(f"tensor {name!r} has an unsupported dtype {_short(dtype)}")
     if not start <= end <= data_len:
-        raise ModelFolderError(
-            f"{path} is truncated: tensor {name!r} ends at byte {end} of a {data_len}-byte buffer")
-    if end - start != math.prod(shape) * itemsize:
-        raise ModelFolderError(
-            f"{path}: tensor {name!r} has {end - start} bytes, but shape {shape} of "
-            f"{info['dtype']} needs {math.prod(shape) * itemsize}")
+        raise _BadHeader(f"tensor {name!r} spans bytes {start}..{end} of a {data_len}-byte "
+                         "buffer (the file is truncated or the header corrupt)")
+    nbytes = _nbytes(shape, itemsize, limit=data_len)
+    if end - start != nbytes:
+        raise _BadHeader(f"tensor {name!r} has {end - start} bytes, but shape {_short(shape)} of "
+                         f"{dtype} needs {nbytes if nbytes <= data_len else 'more'}")
     return start, end
 
 
+def _nbytes(shape: list[int], itemsize: int, *, limit: int) -> int:
+    """Bytes of a tensor of this shape, or limit + 1 once it is known to exceed limit (a shape of
+    many huge dimensions would otherwise make a product with millions of digits)."""
+    if 0 in shape:
+        return 0
+    n = itemsize
+    for d in shape:
+        n *= d
+        if n > limit:
+            return limit + 1
+    return n
+
+
 def _is_index(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= _MAX_U64
 
 
-def _index(v: object) -> int:
-    if not _is_index(v):
-        raise ValueError(v)
-    return v
+def _json_type(v: object) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "number",
+            float: "number", type(None): "null"}.get(type(v), type(v).__name__)
 
 
+def _short(v: object) -> str:
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+# Every dtype check_safetensors accepts (DTYPE_SIZES), so a valid file always reads.
 _TORCH_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
                  "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
-                 "BOOL": "bool"}
+                 "BOOL": "bool", "U16": "uint16", "U32": "uint32", "U64": "uint64",
+                 "F8_E5M2": "float8_e5m2", "F8_E4M3": "float8_e4m3fn", "C64": "complex64"}
 
 
 def read_safetensors(path: str | os.PathLike, dtype=None, *, channels_last: bool = False) -> dict:

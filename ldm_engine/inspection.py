@@ -73,8 +73,8 @@ def inspect_file(path: str | os.PathLike, *, trust_pickle: bool = False) -> dict
     from .convert.ldm_layout import decode_metadata, resolve_prediction, short_list
     from .convert.single_file import read_shapes
 
-    kind, entries, metadata, extras = read_shapes(path, trust_pickle=trust_pickle)
     notes: list[str] = []
+    kind, entries, metadata, extras = read_shapes(path, trust_pickle=trust_pickle, notes=notes)
     report = {"path": str(path), "kind": f"{kind} single file", "family": "unsupported",
               "prediction_type": "unknown", "unet_in_channels": None, "components": {},
               "ema": None, "metadata": {**metadata, **{k: str(v) for k, v in extras.items()}},

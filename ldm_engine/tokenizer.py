@@ -3,56 +3,48 @@
 SD-1.x conditions on OpenAI CLIP ViT-L/14's text tower, so its tokenizer is CLIP's (Radford et al.
 2021): prompts are cleaned, split into words, each word's UTF-8 bytes are BPE-merged, and the
 ids are framed as ``<|startoftext|> tokens <|endoftext|>`` padded to 77 positions. The vocabulary
-is rebuilt here from the BPE merge list that ships inside ``open_clip_torch``
-(``bpe_simple_vocab_16e6.txt.gz``), so nothing is ever fetched from a model hub.
+is rebuilt from OpenAI's BPE merge list ``bpe_simple_vocab_16e6.txt.gz``, found in an installed
+package and checked by SHA-256 (``vocab.py``), so nothing is ever fetched from a model hub.
 
-Vocabulary layout (49,408 ids, the order OpenAI's ``SimpleTokenizer`` builds it in):
-
-    0 ..   255   the 256 byte symbols of ``bytes_to_unicode``
-  256 ..   511   the same symbols with the end-of-word marker ``</w>`` appended
-  512 .. 49405   one id per merge, the first 48,894 lines after the file's header
-49406, 49407     ``<|startoftext|>``, ``<|endoftext|>``
-
-Ids are those of open_clip's ``SimpleTokenizer`` (tested on every assigned code point), with one
-deliberate exception: like OpenAI's original tokenizer and the Hugging Face port that SD-1.x
-used, the literal strings ``<|startoftext|>``/``<|endoftext|>`` in a prompt become the special
-ids; open_clip renamed its special tokens and matches ``<start_of_text>``/``<end_of_text>``
-instead, which here are ordinary text.
+Ids are those of OpenAI's ``SimpleTokenizer`` (tested on every assigned code point), which
+open_clip copies except for one renaming: like OpenAI's original tokenizer and the Hugging Face
+port that SD-1.x used, the literal strings ``<|startoftext|>``/``<|endoftext|>`` in a prompt become
+the special ids; open_clip renamed its special tokens and matches ``<start_of_text>``/
+``<end_of_text>`` instead, which here are ordinary text.
 """
 
 from __future__ import annotations
 
-import gzip
 import html
-import importlib.util
 import json
 import warnings
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
 
 import ftfy
 import regex
 import torch
 from transformers import CLIPTokenizer
 
-MAX_LENGTH = 77  # CLIP's text tower has 77 learned positions: BOS + 75 tokens + EOS.
-VOCAB_SIZE = 49408  # 512 byte symbols + 48,894 merges + 2 specials.
-BOS = "<|startoftext|>"
-EOS = "<|endoftext|>"
-BOS_ID = 49406
-EOS_ID = 49407
+from .vocab import (  # noqa: F401  (re-exported: the tokenizer's public constants)
+    BOS,
+    BOS_ID,
+    EOS,
+    EOS_ID,
+    MAX_LENGTH,
+    PAD_TOKENS,
+    VOCAB_SIZE,
+    PadMode,
+    VocabularyFileError,
+    bpe_vocab_path,
+    bytes_to_unicode,
+    clip_vocab,
+    read_tokenizer_folder,
+    vocab_symbols,
+)
 
-PadMode = Literal["eos", "zero"]
-# What fills a row after EOS. SD-1.x (openai/clip-vit-large-patch14's tokenizer) pads with EOS;
-# SD-2.x (open_clip ViT-H/14, trained with open_clip's zero padding) pads with id 0, the byte
-# symbol "!". The text encoders were trained with these paddings, so the choice changes outputs.
-PAD_TOKENS: dict[str, str] = {"eos": EOS, "zero": "!"}
-
-_BPE_PACKAGE = "open_clip"
-_BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
-_NUM_MERGES = VOCAB_SIZE - 2 * 256 - 2  # 48,894: the rest of the file was never used by CLIP.
+# What ``save`` writes: the layout of published SD folders, readable by any transformers version.
 _FOLDER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
 
 # OpenAI CLIP's word pattern, flags included. IGNORECASE is not cosmetic: under it U+0345
@@ -67,83 +59,22 @@ class PromptTruncatedWarning(UserWarning):
     """A prompt had more than ``max_length - 2`` tokens; the tail was dropped."""
 
 
-def bytes_to_unicode() -> tuple[str, ...]:
-    """The 256 byte symbols, indexed by byte value, as GPT-2/CLIP define them.
-
-    Printable Latin-1 bytes stand for themselves; the other 68 bytes (controls, space, DEL,
-    NBSP, soft hyphen) are shifted to U+0100.. so every symbol is a visible, non-space char.
-    The vocabulary lists the printable ones first, then the shifted ones (``vocab_symbols``).
-    """
-    printable = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
-    shifted = [b for b in range(256) if b not in printable]
-    table = {b: chr(b) for b in printable} | {b: chr(256 + n) for n, b in enumerate(shifted)}
-    return tuple(table[b] for b in range(256))
-
-
-def vocab_symbols() -> list[str]:
-    """The 256 byte symbols in vocabulary order (printable bytes first, then the shifted ones)."""
-    by_byte = bytes_to_unicode()
-    return sorted(by_byte, key=lambda s: (ord(s) >= 256, ord(s)))
-
-
 _BYTE_SYMBOL = bytes_to_unicode()
 
 
-def bpe_vocab_path() -> Path:
-    """Locate open_clip's BPE merge list without importing open_clip.
-
-    ``import open_clip`` runs its package ``__init__``, which imports torchvision; on CPU-only torch
-    that is absent, so only the package's location is looked up.
-    """
-    spec = importlib.util.find_spec(_BPE_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"CLIP's BPE vocabulary {_BPE_FILE} ships with open_clip_torch, but package "
-            f"{_BPE_PACKAGE!r} is not installed (pip install open_clip_torch)"
-        )
-    for folder in spec.submodule_search_locations:
-        path = Path(folder) / _BPE_FILE
-        if path.is_file():
-            return path
-    raise FileNotFoundError(
-        f"CLIP's BPE vocabulary {_BPE_FILE} was not found in package {_BPE_PACKAGE!r} at "
-        f"{list(spec.submodule_search_locations)}; reinstall open_clip_torch"
-    )
-
-
-@lru_cache(maxsize=4)
-def clip_vocab(bpe_path: str) -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
-    """(token -> id, merges in rank order) for CLIP, from open_clip's gzipped merge list."""
-    lines = gzip.open(bpe_path).read().decode("utf-8").split("\n")
-    # Line 0 is a header ('"bpe_simple_vocab_16e6.txt#version: 0.2'); CLIP used the next 48,894.
-    merges = tuple(tuple(line.split()) for line in lines[1 : 1 + _NUM_MERGES])
-    if len(merges) != _NUM_MERGES or any(len(m) != 2 for m in merges):
-        raise ValueError(f"{bpe_path} is not CLIP's BPE merge list (expected {_NUM_MERGES} pairs)")
-    symbols = vocab_symbols()
-    tokens = [*symbols, *(s + "</w>" for s in symbols), *("".join(m) for m in merges), BOS, EOS]
-    vocab = {token: i for i, token in enumerate(tokens)}
-    if len(vocab) != VOCAB_SIZE:
-        raise ValueError(f"{bpe_path} gave {len(vocab)} distinct tokens, expected {VOCAB_SIZE}")
-    return vocab, merges
-
-
-@lru_cache(maxsize=4)
-def _hf_from_bpe(bpe_path: str, pad: PadMode) -> CLIPTokenizer:
+@lru_cache(maxsize=8)
+def _hf_from_bpe(bpe_path: str, pad: PadMode, max_length: int = MAX_LENGTH) -> CLIPTokenizer:
     vocab, merges = clip_vocab(bpe_path)
     # transformers 5.x takes the tables themselves (`vocab=`, `merges=`); its `vocab_file=` and
     # `merges_file=` keywords are only read by from_pretrained and here would silently give a
     # 2-token vocabulary.
     return CLIPTokenizer(
-        vocab=dict(vocab), merges=list(merges), pad_token=PAD_TOKENS[pad], model_max_length=MAX_LENGTH
+        vocab=dict(vocab), merges=list(merges), pad_token=PAD_TOKENS[pad], model_max_length=max_length
     )
 
 
 def clean_prompt(text: str) -> str:
-    """open_clip's 'lower' cleaning, then CLIP's word split, re-joined with single spaces.
+    """OpenAI CLIP's cleaning (open_clip's 'lower'), then CLIP's word split, joined by spaces.
 
     transformers' CLIPTokenizer (5.x, tokenizers backend) normalises with only NFC, ``\\s+`` -> " "
     and lower-casing, while OpenAI CLIP and open_clip run ``ftfy.fix_text``, ``html.unescape``
@@ -153,7 +84,7 @@ def clean_prompt(text: str) -> str:
     char). SD-1.x itself (CompVis' FrozenCLIPEmbedder) used transformers 4.x's slow
     CLIPTokenizer: ``ftfy.fix_text``, whitespace collapse and lower-casing, without the extra
     ``html.unescape`` ("&amp;amp;" stayed "&amp;"), or a BERT BasicTokenizer if ftfy was missing.
-    We follow open_clip, the reference the SD-2.x text encoders were trained with.
+    We follow OpenAI CLIP and open_clip, the reference the SD-2.x text encoders were trained with.
     """
     text = ftfy.fix_text(text)
     text = html.unescape(html.unescape(text))
@@ -162,7 +93,8 @@ def clean_prompt(text: str) -> str:
 
 
 class SDTokenizer:
-    """Prompt -> (B, 77) CLIP ids, identical to open_clip's ``SimpleTokenizer``.
+    """Prompt -> (B, 77) CLIP ids, identical to OpenAI CLIP's ``SimpleTokenizer`` and
+    ``clip.tokenize`` (with ``pad="zero"``; ``"eos"`` repeats EOS where they write 0).
 
     Wraps a transformers ``CLIPTokenizer`` (attribute ``hf``) so diffusers pipelines can be handed
     the very same tokenizer, and ``save`` writes it as a diffusers ``tokenizer/`` folder. ``hf``
@@ -185,7 +117,7 @@ class SDTokenizer:
 
     @classmethod
     def from_bpe(cls, pad: PadMode = "eos") -> SDTokenizer:
-        """CLIP ViT-L/14's tokenizer from open_clip's BPE file. ``pad``: see ``PAD_TOKENS``.
+        """CLIP ViT-L/14's tokenizer from OpenAI's BPE file. ``pad``: see ``PAD_TOKENS``.
 
         The wrapped CLIPTokenizer is built once per process and pad mode and shared by every
         instance, so treat ``hf`` as read-only (no ``add_tokens``)."""
@@ -195,15 +127,16 @@ class SDTokenizer:
 
     @classmethod
     def from_folder(cls, path: str | Path) -> SDTokenizer:
-        """Load a diffusers-layout ``tokenizer/`` folder (the four files ``save`` writes)."""
-        path = Path(path)
-        for name in _FOLDER_FILES:
-            if not (path / name).is_file():
-                raise FileNotFoundError(f"tokenizer folder {path} has no {name}")
-        hf = CLIPTokenizer.from_pretrained(str(path), local_files_only=True)
-        # A config without model_max_length gives transformers' 1e30 "unset" sentinel.
-        max_length = hf.model_max_length if hf.model_max_length < 1_000_000 else MAX_LENGTH
-        return cls(hf, max_length=max_length)
+        """A diffusers ``tokenizer/`` folder in either layout: ``vocab.json`` + ``merges.txt``
+        (published SD folders, ``save``) or ``tokenizer.json`` (transformers 5's save_pretrained).
+
+        The folder must hold CLIP's tables (``read_tokenizer_folder``, else a one-line
+        ``ModelFolderError``); the tokenizer is then built from the checked BPE file with the
+        folder's padding and row length, so every folder with CLIP's vocabulary tokenizes
+        alike, whatever normalizer or pre-tokenizer its tokenizer.json spells out."""
+        spec = read_tokenizer_folder(path)
+        hf = _hf_from_bpe(str(bpe_vocab_path()), spec.pad, spec.max_length)
+        return cls(hf, max_length=spec.max_length)
 
     def save(self, path: str | Path) -> None:
         """Write vocab.json, merges.txt (``#version: 0.2`` header), tokenizer_config.json and

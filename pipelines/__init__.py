@@ -4,8 +4,8 @@ import ldm_engine  # noqa: F401  (first: sets torch's allocator options before t
 
 from .base import GenerationResult, Pipeline
 from .params import GenerationParams
-from .pnginfo import read_png_params, save_png
+from .pnginfo import InexactRemakeWarning, read_png_params, save_png
 from .txt2img import TextToImage
 
-__all__ = ["GenerationParams", "GenerationResult", "Pipeline", "TextToImage", "read_png_params",
-           "save_png"]
+__all__ = ["GenerationParams", "GenerationResult", "InexactRemakeWarning", "Pipeline",
+           "TextToImage", "read_png_params", "save_png"]

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import random
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,15 +15,43 @@ import torch
 from PIL import Image
 
 from ldm_engine.components import UNET_WEIGHTS, Components, load_model
-from ldm_engine.errors import NonFiniteError, UserInputError
-from ldm_engine.precision import resolve_device, resolve_dtype
+from ldm_engine.convert.to_components import load_single_file
+from ldm_engine.errors import ModelFolderError, NonFiniteError, UserInputError
+from ldm_engine.limits import check_memory, check_size, device_memory
+from ldm_engine.modelhash import model_hash
+from ldm_engine.precision import DTYPES, resolve_device, resolve_dtype
 
 from .guidance import Guidance, UNetFn
-from .params import GenerationParams
+from .params import GenerationParams, check_seed
 from .pnginfo import save_png
 from .speed import Accelerated, Attention, SpeedOptions
 
 log = logging.getLogger("ldm_engine.pipelines")
+
+# torch dtype -> the name GenerationParams.dtype (and the PNG's `Dtype` field) records.
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
+# Held only while a pipeline builds its fp32 VAE copy (once per pipeline; see _fp32_vae).
+_FP32_VAE_LOCK = threading.Lock()
+
+
+def _decoder_copy_fp32(vae: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `vae` in fp32 without its encoder, which decoding never runs.
+
+    deepcopy keeps everything decode() relies on (channels_last weights, tiling, attention
+    processors). Its memo says what to use for objects it meets: the weights' fp32 versions, so
+    no reduced-precision copy is made first, and None for the encoder (137 of the 335 MB of SD's
+    VAE in fp32).
+    """
+    encoder = getattr(vae, "encoder", None)
+    skip = {id(p) for p in encoder.parameters()} if encoder is not None else set()
+    memo = {id(p): torch.nn.Parameter(p.detach().float(), requires_grad=False)
+            for p in vae.parameters() if id(p) not in skip and p.is_floating_point()}
+    if encoder is not None:
+        memo[id(encoder)] = None
+    # Anything the memo did not cover (buffers) goes to fp32 too; torch's own Module.float,
+    # because diffusers' override warns on every dtype cast.
+    return torch.nn.Module.float(copy.deepcopy(vae, memo))
 
 
 @dataclass
@@ -33,20 +63,27 @@ class GenerationResult:
 
     def save(self, path: str | os.PathLike) -> list[Path]:
         """Save PNGs with their parameters; several images become name-0.png, name-1.png, ..."""
-        path = Path(path)
-        if len(self.images) == 1:
-            paths = [path]
-        else:
-            paths = [path.with_name(f"{path.stem}-{k}{path.suffix or '.png'}")
-                     for k in range(len(self.images))]
+        paths = output_paths(path, len(self.images))
         for image, params, p in zip(self.images, self.params, paths):
             save_png(image, p, params)
         return paths
 
 
+def output_paths(path: str | os.PathLike, n: int) -> list[Path]:
+    """Where GenerationResult.save writes n images: path itself, or name-0.png, name-1.png, ..."""
+    path = Path(path)
+    if n == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}-{k}{path.suffix or '.png'}") for k in range(n)]
+
+
 def as_prompt_list(prompt: str | Sequence[str], what: str = "prompt") -> list[str]:
+    """A prompt or a list of prompts as a list; anything else (5, None, bytes) is refused."""
     if isinstance(prompt, str):
         return [prompt]
+    if not isinstance(prompt, Sequence) or isinstance(prompt, (bytes, bytearray)):
+        raise UserInputError(f"{what} must be a string or a list of strings, "
+                             f"got {type(prompt).__name__}")
     prompts = list(prompt)
     if not prompts:
         raise UserInputError(f"empty {what} list: give at least one {what}")
@@ -66,15 +103,30 @@ def make_generators(n: int, seed: int | None,
     """
     if generator is not None:
         gens = list(generator) if isinstance(generator, Sequence) else [generator] * n
+        if not all(isinstance(g, torch.Generator) for g in gens):
+            bad = next(g for g in gens if not isinstance(g, torch.Generator))
+            raise UserInputError(f"generator must be a torch.Generator (or one per image), "
+                                 f"got {type(bad).__name__}")
         if len(gens) != n:
             raise UserInputError(f"got {len(gens)} generators for {n} images; pass one per image")
         return gens, [g.initial_seed() for g in gens]
     if seed is None:
         seed = random.SystemRandom().randrange(2**32)
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise UserInputError(f"seed must be a non-negative integer, got {seed!r}")
-    seeds = [seed + j for j in range(n)]
+    check_seed(seed, n)
+    seeds = [int(seed) + j for j in range(n)]
     return [torch.Generator("cpu").manual_seed(s) for s in seeds], seeds
+
+
+def _placement(device: str | torch.device, dtype: str | torch.dtype, *, compile: bool,
+               deep_cache: int, vae_tiling: bool, attention: Attention,
+               channels_last: bool | None) -> tuple[SpeedOptions, torch.device, torch.dtype]:
+    """The speed options, device and dtype of a load, checked before any weights are read."""
+    speed = SpeedOptions(compile=compile, channels_last=channels_last, attention=attention,
+                         deep_cache=deep_cache, vae_tiling=vae_tiling)
+    where = resolve_device(device)
+    precision = resolve_dtype(dtype, where)
+    speed.check_device(where)
+    return speed, where, precision
 
 
 class Pipeline:
@@ -90,27 +142,59 @@ class Pipeline:
         self.source = source
         self.accelerated = (Accelerated(components.unet, components.vae, speed,
                                         unet_file=unet_file) if speed is not None else None)
+        self._model_hash: str | None = None
+        self._model_hash_lock = threading.Lock()
 
     @classmethod
     def from_folder(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu",
                     dtype: str | torch.dtype = torch.float32, compile: bool = False,
                     deep_cache: int = 1, vae_tiling: bool = False, attention: Attention = "sdpa",
                     channels_last: bool | None = None):
-        """Load a local diffusers-layout folder.
+        """Load a local diffusers-layout folder (a .safetensors/.ckpt file: see from_single_file).
 
         device: "auto" | "cpu" | "cuda[:N]"; dtype: "auto" | "fp32" | "bf16" | "fp16" or a torch
         dtype ("auto": bf16 on CPUs with native bf16, fp16 on CUDA, else fp32). The speed options
         are those of SpeedOptions; deep_cache > 1 and vae_tiling are approximations.
         """
-        speed = SpeedOptions(compile=compile, channels_last=channels_last, attention=attention,
-                             deep_cache=deep_cache, vae_tiling=vae_tiling)
-        where = resolve_device(device)
-        precision = resolve_dtype(dtype, where)
-        speed.check_device(where)
+        path = Path(path)
+        if path.is_file():
+            return cls.from_single_file(path, device=device, dtype=dtype, compile=compile,
+                                        deep_cache=deep_cache, vae_tiling=vae_tiling,
+                                        attention=attention, channels_last=channels_last)
+        speed, where, precision = _placement(device, dtype, compile=compile,
+                                             deep_cache=deep_cache, vae_tiling=vae_tiling,
+                                             attention=attention, channels_last=channels_last)
         components = load_model(path, device=where, dtype=precision,
                                 channels_last=speed.uses_channels_last(precision))
-        return cls(components, name=Path(path).name, speed=speed,
-                   unet_file=Path(path) / UNET_WEIGHTS, source=Path(path))
+        return cls(components, name=path.name, speed=speed, unet_file=path / UNET_WEIGHTS,
+                   source=path)
+
+    @classmethod
+    def from_single_file(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu",
+                         dtype: str | torch.dtype = torch.float32, compile: bool = False,
+                         deep_cache: int = 1, vae_tiling: bool = False,
+                         attention: Attention = "sdpa", channels_last: bool | None = None,
+                         family: str | None = None, prediction: str | None = None):
+        """Load an SD-1.x/2.x single file (.safetensors, .ckpt), as diffusers' method of this name.
+
+        The file is converted in memory exactly as `ldm convert` reads it (safe unpickling only,
+        shapes checked) and nothing is written. family/prediction are `ldm convert`'s --family and
+        --prediction, for files without our metadata. The other options are from_folder's; with
+        compile=True the eager UNet weights stay in memory beside the compiled packages (a
+        folder's are dropped and re-read from its UNet file, which a single file does not have):
+        `ldm convert` the file to a folder to save that memory.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise ModelFolderError(f"single-file checkpoint not found: {path}")
+        speed, where, precision = _placement(device, dtype, compile=compile,
+                                             deep_cache=deep_cache, vae_tiling=vae_tiling,
+                                             attention=attention, channels_last=channels_last)
+        components = load_single_file(path, device=where, dtype=precision,
+                                      channels_last=speed.uses_channels_last(precision),
+                                      family=family, prediction=prediction)
+        # source is the file itself (A1111's model hash is the checkpoint file's).
+        return cls(components, name=path.stem, speed=speed, unet_file=None, source=path)
 
     @property
     def device(self) -> torch.device:
@@ -119,6 +203,44 @@ class Pipeline:
     @property
     def dtype(self) -> torch.dtype:
         return self.components.dtype
+
+    @property
+    def model_hash(self) -> str:
+        """A1111's ``Model hash`` of `source` (ldm_engine.modelhash), "" without one.
+
+        Hashing reads every weights file (about 3 s for an fp32 SD-1.5 folder), so it is done
+        once, when the first image records it, not at load time.
+        """
+        if self.source is None:
+            return ""
+        with self._model_hash_lock:
+            if self._model_hash is None:
+                self._model_hash = model_hash(self.source)
+            return self._model_hash
+
+    def pixel_settings(self) -> dict:
+        """The load-time choices that change pixels, as GenerationParams fields."""
+        options = self.accelerated.options if self.accelerated is not None else SpeedOptions()
+        return {"dtype": DTYPE_NAMES[self.dtype], "deep_cache": options.deep_cache,
+                "vae_tiling": options.vae_tiling}
+
+    def check_generation_size(self, *, height: int, width: int, num_images: int, guided: bool,
+                              allow_large: bool = False) -> None:
+        """The size limits and the memory estimate of ldm_engine.limits, before any compute."""
+        shape = self.components.shape
+        check_size(shape, height=height, width=width, num_images=num_images,
+                   allow_large=allow_large)
+        vae = self.components.vae
+        # An fp16 VAE marked force_upcast decodes in fp32 (see decode).
+        vae_bytes = (4 if vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+                     else vae.dtype.itemsize)
+        tiled = self.accelerated is not None and self.accelerated.options.vae_tiling
+        check_memory(shape, device_memory(self.device), height=height, width=width,
+                     num_images=num_images, guided=guided, dtype_bytes=self.dtype.itemsize,
+                     vae_dtype_bytes=vae_bytes,
+                     vae_tile=(getattr(vae, "tile_latent_min_size", 0) * shape.vae_factor
+                               or None) if tiled else None,
+                     allow_large=allow_large)
 
     def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
         """CLIP last hidden states (B, 77, D); each distinct text goes through the encoder once."""
@@ -150,6 +272,7 @@ class Pipeline:
         fp16 has a largest value of 65504, and the SD VAE decoder's activations exceed it (the
         reason diffusers marks it `force_upcast`), so such a VAE decodes in fp32 when loaded in
         fp16. Any other reduced-precision decode that comes out non-finite is redone in fp32.
+        Safe to call from many threads at once: the shared networks are only read.
         """
         if not torch.isfinite(latents).all():
             raise NonFiniteError(
@@ -175,16 +298,28 @@ class Pipeline:
         return self.components.vae.decode(z, return_dict=False)[0]
 
     def _decode_fp32(self, z: torch.Tensor) -> torch.Tensor:
-        # Up- and down-casting fp16/bf16 weights through fp32 is exact, so the VAE is cast in
-        # place for this one decode rather than keeping a second, fp32 copy in memory.
+        return self._fp32_vae().decode(z.float(), return_dict=False)[0]
+
+    def _fp32_vae(self):
+        """An fp32 copy of the VAE's decoding half, made on first use and never changed after.
+
+        The shared VAE is never re-cast: other generations may be decoding with it at the same
+        moment (casting it in place made concurrent fp16/bf16 generations fail with mixed-dtype
+        errors). Up-casting fp16/bf16 weights is exact, so the copy decodes exactly as the VAE
+        cast to fp32 would. It costs the decoder's fp32 size once per pipeline (198 MB for SD's)
+        and is only made when a decode needs it. It is a snapshot: weights edited in place after
+        the first fp32 decode are not seen (a pipeline's networks are read-only while it
+        generates); a VAE replaced in `components` gets a fresh copy.
+        """
         vae = self.components.vae
-        dtype = vae.dtype
-        # torch's own Module.to: diffusers' override warns on every dtype cast.
-        torch.nn.Module.float(vae)
-        try:
-            return vae.decode(z.float(), return_dict=False)[0]
-        finally:
-            torch.nn.Module.to(vae, dtype)
+        cached = getattr(self, "_vae_fp32", None)      # (the VAE it was made from, its copy)
+        if cached is None or cached[0] is not vae:
+            with _FP32_VAE_LOCK:
+                cached = getattr(self, "_vae_fp32", None)
+                if cached is None or cached[0] is not vae:
+                    cached = (vae, _decoder_copy_fp32(vae))
+                    self._vae_fp32 = cached
+        return cached[1]
 
     @staticmethod
     def to_pil(pixels: torch.Tensor) -> list[Image.Image]:

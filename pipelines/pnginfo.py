@@ -1,18 +1,54 @@
-"""GenerationParams in a PNG: the AUTOMATIC1111 ``parameters`` text chunk.
+"""GenerationParams in a PNG: AUTOMATIC1111's ``parameters`` text chunk, written and read.
 
-Saved PNGs carry the parameters in the layout that image browsers and other UIs already read::
+The layout is A1111's "infotext", which image browsers, civitai and sd-parsers read::
 
     a red circle on the left
     Negative prompt: blurry
-    Steps: 20, Sampler: ddim, CFG scale: 7.5, Seed: 42, Size: 512x512, Eta: 0.0, Model: default
+    Steps: 20, Sampler: DDIM, CFG scale: 7.5, Seed: 42, Size: 512x512, Model hash: 1a2b3c4d5e, \
+Model: default, Eta DDIM: 0.3, Dtype: bf16, Deep cache: 3, VAE tiling: True, Version: ldm-engine 0.1.0
 
-so ``ldm generate --from-image x.png`` can make the same image again.
+(the settings line is one line). Fields are A1111's names, order and spelling: the sampler's
+display name (DDIM, DDPM; read back in any case), ``Eta DDIM`` only when it is not 0 (A1111's plain
+``Eta`` is the ancestral samplers' eta: pasting it would set another option), ``Model hash`` as
+ldm_engine.modelhash defines it, and ``Version``. Three fields are ours, for what changes pixels
+beyond A1111's fields, written only when not the exact default: ``Dtype`` (fp32), ``Deep cache``
+(1) and ``VAE tiling`` (False).
+
+Escaping, so that every prompt round-trips exactly:
+
+- a settings value holding ``,`` ``:`` ``"``, a control character, or leading/trailing blanks is
+  written as a JSON string, as A1111 quotes its own values (``Model: "my, model"``);
+- in the prompt and the negative prompt, ``Negative prompt:`` anywhere, and ``Steps:`` at the start
+  of a line, get one more backslash before the colon (``Negative prompt\\:``; text that already
+  had k backslashes there gets k + 1, and the reader removes one, so the mapping is one-to-one).
+  Then the one line that starts with ``Negative prompt:`` is the negative prompt's, and the one
+  that starts with ``Steps:`` is the settings line, whichever way a reader splits: A1111 (the
+  first ``Negative prompt:`` line, the last line as settings), its PNG-info regexes (the last
+  ``Negative prompt:`` and ``Steps:`` lines), or sd-parsers (every ``Negative prompt:``). A1111's
+  prompt syntax reads ``\\:`` as a plain ``:``, so the prompt it conditions on is unchanged.
+- a carriage return cannot be told from a CRLF line break, so prompts holding one are refused
+  before generating (check_storable), and text holding one is refused when read.
+
+Reading is strict: the last line must be a settings line in exactly the grammar above, with
+Steps, Sampler, CFG scale, Seed and Size, no key twice, numbers in ASCII digits of bounded length
+and range; anything else is a one-line UserInputError. Fields this engine cannot honour (A1111's
+``Clip skip``, ``Denoising strength``, ``Lora hashes``, ...) are not dropped silently: they are
+named in an InexactRemakeWarning. Only text chunks before the image data are read (where PIL,
+A1111 and this engine write them), within PIL's text limits, and the pixels are never decoded.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
+import json
+import math
 import os
 import re
+import struct
+import warnings
+import zlib
+from collections.abc import Iterable, Iterator
 
 from PIL import Image, PngImagePlugin
 
@@ -22,54 +58,285 @@ from ldm_engine.fsutil import atomic_path
 from .params import GenerationParams
 
 
+class InexactRemakeWarning(UserWarning):
+    """An image read back cannot be re-made exactly as described (the message says why).
+
+    Raised by parse_parameters / read_png_params for fields this engine cannot honour, and by
+    TextToImage.regenerate when the pipeline differs from what made the image (model, dtype,
+    approximations).
+    """
+
+
+# Registry name -> A1111 display name. Read back case-insensitively; other names pass through.
+SAMPLER_NAMES = {"ddim": "DDIM", "ddpm": "DDPM"}
+_SAMPLER_BY_NAME = {display.lower(): name for name, display in SAMPLER_NAMES.items()}
+DTYPE_NAMES = ("fp32", "bf16", "fp16")
+# What a PNG describes must be an image PIL would open again without a decompression-bomb
+# warning (89.5 M pixels, about 9459 x 9459). The model's own size limits are the pipeline's.
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+MAX_SEED = 2**64 - 1                                # torch.Generator.manual_seed's range
+MAX_TEXT = PngImagePlugin.MAX_TEXT_CHUNK            # 1 MiB, PIL's limit for a compressed chunk
+_NEGATIVE = "Negative prompt:"
+# Every A1111 settings line has these; the optional fields this engine honours (or, for Model
+# and Version, that never change pixels) follow. Any other field is named in a warning.
+REQUIRED = ("Steps", "Sampler", "CFG scale", "Seed", "Size")
+OPTIONAL = ("Model hash", "Model", "Eta DDIM", "Dtype", "Deep cache", "VAE tiling", "Version")
+
+
+@functools.cache
+def engine_version() -> str:
+    """The ``Version`` field: ``ldm-engine X.Y.Z``."""
+    try:
+        return f"ldm-engine {importlib.metadata.version('ldm-engine')}"
+    except importlib.metadata.PackageNotFoundError:
+        return "ldm-engine (not installed)"
+
+
+# --- prompts -------------------------------------------------------------------------------
+
+# `Negative prompt` anywhere, `Steps` at a line start, then k >= 0 backslashes and a colon.
+_MARKS = re.compile(r"(Negative prompt|(?m:^)Steps)(\\*):")
+_ESCAPED_MARKS = re.compile(r"(Negative prompt|(?m:^)Steps)\\(\\*):")
+
+
+def escape_prompt(text: str) -> str:
+    """One more backslash before the colon of every marker (see the module docstring)."""
+    return _MARKS.sub(lambda m: f"{m[1]}\\{m[2]}:", text)
+
+
+def unescape_prompt(text: str) -> str:
+    return _ESCAPED_MARKS.sub(lambda m: f"{m[1]}{m[2]}:", text)
+
+
+def check_storable(texts: Iterable[str], what: str = "prompt") -> None:
+    """Refuse text the parameters chunk cannot hold exactly, before any compute."""
+    for text in texts:
+        if "\r" in text:
+            raise UserInputError(f"{what} contains a carriage return (\\r), which a PNG's A1111 "
+                                 "parameters cannot tell from a line break: use \\n")
+        if "\0" in text:
+            raise UserInputError(f"{what} contains a NUL character, which PNG text cannot hold")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UserInputError(f"{what} is not valid Unicode (it holds a lone surrogate)"
+                                 ) from None
+
+
+# --- writing -------------------------------------------------------------------------------
+
 def format_parameters(params: GenerationParams) -> str:
-    lines = [params.prompt]
+    check_storable([params.prompt])
+    check_storable([params.negative_prompt], "negative prompt")
+    lines = [escape_prompt(params.prompt)]
     if params.negative_prompt:
-        lines.append(f"Negative prompt: {params.negative_prompt}")
-    fields = [("Steps", params.steps), ("Sampler", params.sampler),
-              ("CFG scale", _num(params.guidance_scale)), ("Seed", params.seed),
-              ("Size", f"{params.width}x{params.height}"), ("Eta", _num(params.eta))]
-    if params.model:
-        fields.append(("Model", params.model))
-    lines.append(", ".join(f"{k}: {v}" for k, v in fields))
+        lines.append(f"{_NEGATIVE} {escape_prompt(params.negative_prompt)}")
+    lines.append(", ".join(f"{k}: {v}" for k, v in _settings(params)))
     return "\n".join(lines)
 
 
-def parse_parameters(text: str) -> GenerationParams:
-    lines = text.rstrip("\n").split("\n")
-    if not lines or not _SETTINGS_LINE.match(lines[-1]):
-        raise UserInputError("PNG parameters have no settings line (Steps: ..., Seed: ...)")
-    settings = dict(_parse_settings(lines[-1]))
-    body = lines[:-1]
-    negative = ""
-    for k, line in enumerate(body):
-        if line.startswith("Negative prompt: "):
-            negative = "\n".join([line[len("Negative prompt: "):]] + body[k + 1:])
-            body = body[:k]
-            break
-    try:
-        width, height = (int(v) for v in settings["Size"].split("x"))
-        return GenerationParams(
-            prompt="\n".join(body), negative_prompt=negative, steps=int(settings["Steps"]),
-            guidance_scale=float(settings["CFG scale"]), sampler=settings["Sampler"].lower(),
-            eta=float(settings.get("Eta", 0.0)), height=height, width=width,
-            seed=int(settings["Seed"]), model=settings.get("Model", ""))
-    except (KeyError, ValueError) as e:
-        raise UserInputError(f"PNG parameters are incomplete or malformed ({e})") from None
-
-
-_SETTINGS_LINE = re.compile(r"^(?:[A-Za-z][\w ]*: [^,]*)(?:, [A-Za-z][\w ]*: [^,]*)*$")
-
-
-def _parse_settings(line: str):
-    for part in line.split(", "):
-        key, _, value = part.partition(": ")
-        yield key.strip(), value.strip()
+def _settings(p: GenerationParams) -> Iterator[tuple[str, str]]:
+    yield "Steps", str(p.steps)
+    yield "Sampler", _quote(SAMPLER_NAMES.get(p.sampler, p.sampler))
+    yield "CFG scale", _num(p.guidance_scale)
+    yield "Seed", str(p.seed)
+    yield "Size", f"{p.width}x{p.height}"
+    if p.model_hash:
+        yield "Model hash", _quote(p.model_hash)
+    if p.model:
+        yield "Model", _quote(p.model)
+    if p.eta:
+        yield "Eta DDIM", _num(p.eta)
+    if p.dtype != "fp32":
+        yield "Dtype", _quote(p.dtype)
+    if p.deep_cache != 1:
+        yield "Deep cache", str(p.deep_cache)
+    if p.vae_tiling:
+        yield "VAE tiling", "True"
+    yield "Version", _quote(engine_version())
 
 
 def _num(x: float) -> str:
+    # repr is the shortest text that reads back as the same float.
     return repr(float(x))
 
+
+_NEEDS_QUOTES = re.compile(r'[,:"\x00-\x1f\x7f]|^[\s{]|\s$|^$')
+
+
+def _quote(value: str) -> str:
+    """A1111's quoting: a JSON string when the plain value would not read back as itself."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:          # e.g. a folder name that is not valid UTF-8: \udcxx
+        return json.dumps(value)
+    return json.dumps(value, ensure_ascii=False) if _NEEDS_QUOTES.search(value) else value
+
+
+# --- reading -------------------------------------------------------------------------------
+
+_KEY = r"[A-Za-z0-9_](?:[A-Za-z0-9_ /-]*[A-Za-z0-9_/-])?"
+# A JSON string (A1111's quoting), a JSON object without nesting (the civitai extension's
+# `Hashes: {...}`), or a plain value: no comma, no quote or brace first, no blank at either end.
+_VALUE = r'"(?:[^"\\]|\\.)*"|\{[^{}]*\}|[^\s",{](?:[^,]*[^\s,])?'
+_ITEM = re.compile(rf"({_KEY}): ({_VALUE})(, |$)")
+_COUNT = re.compile(r"0|[1-9][0-9]{0,19}")            # ASCII digits only: int() takes "4_0", "٤"
+_FLOAT = re.compile(r"-?(?:0|[1-9][0-9]{0,15})(?:\.[0-9]{1,17})?(?:e[-+]?[0-9]{1,3})?")
+_SIZE = re.compile(r"([1-9][0-9]{0,5})x([1-9][0-9]{0,5})")
+_HASH = re.compile(r"[0-9a-f]{8,64}")
+
+
+def parse_parameters(text: str) -> GenerationParams:
+    """The GenerationParams an A1111 ``parameters`` text describes (see the module docstring).
+
+    Bounds that do not depend on the model are checked here; the model's own (sizes, steps
+    against its training timesteps) are checked by the pipeline before any compute. Fields that
+    cannot be honoured are named in an InexactRemakeWarning.
+    """
+    if len(text) > MAX_TEXT:
+        raise UserInputError(f"PNG parameters are {len(text)} characters long, over the "
+                             f"{MAX_TEXT} this reader accepts")
+    if "\r" in text:
+        raise UserInputError("PNG parameters contain a carriage return (CRLF line breaks?); "
+                             "A1111's format separates lines with \\n only")
+    if "\0" in text:
+        raise UserInputError("PNG parameters contain a NUL character")
+    *body, last = text.split("\n")
+    settings = _parse_settings(last)
+    prompt, negative = _split_prompts(body)
+    unknown = [k for k in settings if k not in REQUIRED and k not in OPTIONAL]
+    if unknown:
+        warnings.warn(InexactRemakeWarning(
+            "the PNG's parameters name settings this engine does not have, ignored (the image "
+            f"will differ): {', '.join(unknown)}"), stacklevel=2)
+    width, height = _size(settings["Size"])
+    sampler = settings["Sampler"]
+    return GenerationParams(
+        prompt=prompt, negative_prompt=negative, steps=_count(settings, "Steps", low=1),
+        guidance_scale=_float(settings, "CFG scale"),
+        sampler=_SAMPLER_BY_NAME.get(sampler.lower(), sampler),
+        eta=_float(settings, "Eta DDIM", default=0.0, low=0.0),
+        height=height, width=width, seed=_count(settings, "Seed", high=MAX_SEED),
+        model=settings.get("Model", ""), model_hash=_model_hash(settings),
+        dtype=_choice(settings, "Dtype", DTYPE_NAMES, "fp32"),
+        deep_cache=_count(settings, "Deep cache", default=1, low=1),
+        vae_tiling=_choice(settings, "VAE tiling", ("True", "False"), "False") == "True")
+
+
+def _parse_settings(line: str) -> dict[str, str]:
+    """`Key: value, Key: value, ...` -> {key: value} with JSON-quoted values decoded."""
+    if not line.startswith("Steps: "):
+        raise UserInputError("PNG parameters do not end with a settings line "
+                             "(Steps: ..., Sampler: ..., Seed: ...)")
+    settings: dict[str, str] = {}
+    pos = 0
+    while pos < len(line):
+        m = _ITEM.match(line, pos)
+        if m is None:
+            raise UserInputError(f"PNG parameters: malformed settings at column {pos + 1}: "
+                                 f"{_clip(line[pos:])!r}")
+        key, raw, sep = m.groups()
+        if key in settings:
+            raise UserInputError(f"PNG parameters give {key!r} twice")
+        settings[key] = _unquote(key, raw)
+        pos = m.end()
+        if sep and pos == len(line):
+            raise UserInputError("PNG parameters: the settings line ends with a comma")
+    missing = [k for k in REQUIRED if k not in settings]
+    if missing:
+        raise UserInputError(f"PNG parameters lack {', '.join(missing)}")
+    return settings
+
+
+def _unquote(key: str, raw: str) -> str:
+    if not raw.startswith('"'):
+        return raw
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = None
+    if not isinstance(value, str):
+        raise UserInputError(f"PNG parameters: {key} is not a valid quoted string: {_clip(raw)!r}")
+    return value
+
+
+def _split_prompts(body: list[str]) -> tuple[str, str]:
+    marks = [k for k, line in enumerate(body) if line.startswith(_NEGATIVE)]
+    if len(marks) > 1:
+        raise UserInputError(f"PNG parameters have {len(marks)} lines starting with "
+                             f"{_NEGATIVE!r}; there can be one")
+    if not marks:
+        return unescape_prompt("\n".join(body)), ""
+    k = marks[0]
+    first = body[k][len(_NEGATIVE):]
+    negative = "\n".join([first[1:] if first.startswith(" ") else first] + body[k + 1:])
+    return unescape_prompt("\n".join(body[:k])), unescape_prompt(negative)
+
+
+def _count(settings: dict[str, str], key: str, *, default: int | None = None, low: int = 0,
+           high: int | None = None) -> int:
+    if key not in settings:
+        assert default is not None
+        return default
+    raw = settings[key]
+    if not _COUNT.fullmatch(raw):
+        raise UserInputError(f"PNG parameters: {key} must be a whole number in ASCII digits "
+                             f"(at most 20), got {_clip(raw)!r}")
+    value = int(raw)
+    if value < low or (high is not None and value > high):
+        bound = f"between {low} and {high}" if high is not None else f">= {low}"
+        raise UserInputError(f"PNG parameters: {key} must be {bound}, got {value}")
+    return value
+
+
+def _float(settings: dict[str, str], key: str, *, default: float | None = None,
+           low: float | None = None) -> float:
+    if key not in settings:
+        assert default is not None
+        return default
+    raw = settings[key]
+    value = float(raw) if _FLOAT.fullmatch(raw) else math.nan
+    if not math.isfinite(value):
+        raise UserInputError(f"PNG parameters: {key} must be a finite decimal number, "
+                             f"got {_clip(raw)!r}")
+    if low is not None and value < low:
+        raise UserInputError(f"PNG parameters: {key} must be >= {low}, got {value!r}")
+    return value
+
+
+def _size(raw: str) -> tuple[int, int]:
+    m = _SIZE.fullmatch(raw)
+    if m is None:
+        raise UserInputError(f"PNG parameters: Size must be WIDTHxHEIGHT in pixels, got "
+                             f"{_clip(raw)!r}")
+    width, height = int(m[1]), int(m[2])
+    if width * height > MAX_PIXELS:
+        raise UserInputError(f"PNG parameters: Size {width}x{height} is over {MAX_PIXELS} "
+                             "pixels (PIL's decompression-bomb limit)")
+    return width, height
+
+
+def _choice(settings: dict[str, str], key: str, choices: tuple[str, ...], default: str) -> str:
+    value = settings.get(key, default)
+    if value not in choices:
+        raise UserInputError(f"PNG parameters: {key} must be one of {', '.join(choices)}, "
+                             f"got {_clip(value)!r}")
+    return value
+
+
+def _model_hash(settings: dict[str, str]) -> str:
+    value = settings.get("Model hash", "")
+    if value and not _HASH.fullmatch(value):
+        raise UserInputError(f"PNG parameters: Model hash must be lowercase hex digits, got "
+                             f"{_clip(value)!r}")
+    return value
+
+
+def _clip(text: str, n: int = 40) -> str:
+    return text if len(text) <= n else text[:n] + "..."
+
+
+# --- files ---------------------------------------------------------------------------------
 
 def save_png(image: Image.Image, path: str | os.PathLike, params: GenerationParams) -> None:
     """Write a PNG with its parameters chunk, atomically (temp file, fsync, rename)."""
@@ -79,12 +346,41 @@ def save_png(image: Image.Image, path: str | os.PathLike, params: GenerationPara
         image.save(tmp, format="PNG", pnginfo=info)
 
 
-def read_png_params(path: str | os.PathLike) -> GenerationParams:
+def read_png_text(path: str | os.PathLike) -> str:
+    """The ``parameters`` text of a PNG, read from its header chunks; the pixels stay encoded.
+
+    PIL's limits apply: a compressed text chunk over MAX_TEXT_CHUNK (1 MiB) decompressed, text
+    chunks over MAX_TEXT_MEMORY (64 MiB) together, and an image header over twice
+    Image.MAX_IMAGE_PIXELS (a decompression bomb) are refused.
+    """
     try:
-        with Image.open(path) as im:
-            text = im.text.get("parameters") if hasattr(im, "text") else None
-    except (OSError, FileNotFoundError) as e:
-        raise UserInputError(f"cannot read image {path}: {e}") from None
-    if not text:
-        raise UserInputError(f"{path} carries no generation parameters (no 'parameters' PNG chunk)")
-    return parse_parameters(text)
+        with warnings.catch_warnings():
+            # Between one and two times the limit PIL only warns; the pixels are never decoded.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path, formats=["PNG"]) as im:
+                # im.info holds the chunks before the image data; im.text would decode the pixels.
+                text = im.info.get("parameters")
+    except FileNotFoundError:
+        raise UserInputError(f"image not found: {path}") from None
+    except Image.DecompressionBombError as e:
+        raise UserInputError(f"refusing {path}: {e}") from None
+    except (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error) as e:
+        raise UserInputError(f"cannot read the PNG {path}: {e}") from None
+    if not isinstance(text, str) or not text:
+        raise UserInputError(f"{path} carries no generation parameters (no 'parameters' PNG "
+                             "text chunk)")
+    return text
+
+
+def read_png_params(path: str | os.PathLike) -> GenerationParams:
+    """The GenerationParams saved in a PNG (warns InexactRemakeWarning for fields not honoured)."""
+    text = read_png_text(path)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", InexactRemakeWarning)
+            params = parse_parameters(text)
+    except UserInputError as e:
+        raise UserInputError(f"{path}: {e}") from None
+    for w in caught:
+        warnings.warn(InexactRemakeWarning(f"{path}: {w.message}"), stacklevel=2)
+    return params

@@ -363,8 +363,10 @@ def test_dtype_cast(dtype, torch_dtype, suffix, tiny_dir, tiny_file, tmp_path):
     assert_bitwise_equal(half, {k: v.to(torch_dtype) for k, v in source.items()})
     convert(out, tmp_path / "folder")                        # dtype kept, not silently upcast
     assert all(v.dtype == torch_dtype for v in folder_tensors(tmp_path / "folder")["unet"].values())
+    # The config names the dtype a default load gives, float32 like diffusers' networks, not the
+    # weights' (see components.TEXT_CONFIG_DTYPE and tests/test_diffusers_load.py).
     assert json.loads((tmp_path / "folder/text_encoder/config.json").read_text())["dtype"] == \
-        str(torch_dtype).removeprefix("torch.")
+        "float32"
     load_model(tmp_path / "folder")
 
 
@@ -468,11 +470,25 @@ def test_cli_convert_and_inspect(tiny_dir, tmp_path, capsys):
 @pytest.mark.skipif(not (BUNDLED_MODEL / "model_index.json").is_file(),
                     reason=f"no bundled model at {BUNDLED_MODEL} yet (built by `make train-default`)")
 def test_bundled_model_round_trip(tmp_path):
+    """The bundled VAE's own scaling_factor (0.99277) is folded into its quant convolutions in a
+    single file (tests/test_latent_scale.py), so the folder comes back equivalent, not identical:
+    those three fp16 tensors are re-rounded, everything else is bit for bit the source's."""
     convert(BUNDLED_MODEL, tmp_path / "a.safetensors")
     convert(tmp_path / "a.safetensors", tmp_path / "folder")
     convert(tmp_path / "folder", tmp_path / "b.safetensors")
     assert_bitwise_equal(read_tensors(tmp_path / "a.safetensors"), read_tensors(tmp_path / "b.safetensors"))
-    assert_folders_equal(BUNDLED_MODEL, tmp_path / "folder")
+    source, back = folder_tensors(BUNDLED_MODEL), folder_tensors(tmp_path / "folder")
+    folded = ("quant_conv.weight", "quant_conv.bias", "post_quant_conv.weight")
+    for name in source:
+        keep = {k: v for k, v in source[name].items() if name != "vae" or k not in folded}
+        assert_bitwise_equal(keep, {k: back[name][k] for k in keep})
+    assert json.loads((tmp_path / "folder/vae/config.json").read_text())["scaling_factor"] == 0.18215
+    # Same images: fp16 rounding of the folded weights moved pixels by 6.4e-5 at most (measured).
+    kwargs = dict(num_inference_steps=10, guidance_scale=5.0, seed=0, progress=False)
+    prompts = ["a yellow triangle in the centre, green background", "a red circle on the left"]
+    before = TextToImage.from_folder(BUNDLED_MODEL)(prompts, **kwargs).pixels
+    after = TextToImage.from_folder(tmp_path / "a.safetensors")(prompts, **kwargs).pixels
+    assert (before - after).abs().max() <= 2e-4
 
 
 # --- real sizes (minutes, tens of GB of disk) ----------------------------------------------------

@@ -23,6 +23,7 @@ import torch
 
 from ldm_engine.cli import main
 from ldm_engine.convert import convert
+from ldm_engine.convert import ckpt
 from ldm_engine.convert.ckpt import load_pickle
 from ldm_engine.convert.errors import UnsafeCheckpointError
 from ldm_engine.inspection import inspect_path
@@ -95,14 +96,20 @@ EXPECTED_NAMES = {"os.system": "system", "builtins.exec": "builtins.exec",
 
 @pytest.fixture
 def no_weights_only_false(monkeypatch):
-    """Fail the test if anything calls torch.load without weights_only=True."""
+    """Fail the test if anything unpickles fully: torch.load without weights_only=True, or the
+    converter's own full unpickler (what --trust-pickle uses)."""
     real = torch.load
 
     def guarded(*args, **kwargs):
         assert kwargs.get("weights_only") is True, "torch.load called without weights_only=True"
         return real(*args, **kwargs)
 
+    class Refused:
+        def __init__(self, *args, **kwargs):
+            raise AssertionError("full unpickler used without --trust-pickle")
+
     monkeypatch.setattr(torch, "load", guarded)
+    monkeypatch.setattr(ckpt, "_FullUnpickler", Refused)
 
 
 @pytest.mark.parametrize("style", list(EXPECTED_NAMES))

@@ -1,19 +1,32 @@
-"""SDTokenizer against open_clip's SimpleTokenizer, the reference CLIP tokenizer.
+"""SDTokenizer against OpenAI CLIP's SimpleTokenizer, the reference CLIP tokenizer.
 
-open_clip's package __init__ imports torchvision (absent with CPU-only torch), so the reference is
-loaded by executing only its tokenizer.py, which needs just ftfy, regex, numpy and torch.
+The reference is OpenAI's own ``clip/simple_tokenizer.py`` (PyPI: openai-clip, the package our
+vocabulary file comes from), executed on its own: the package ``__init__`` imports torchvision.
+``clip.tokenize`` (in the module that ``__init__`` imports) frames and zero-pads the ids;
+``_Reference`` re-states those few lines. open_clip's tokenizer is a copy of both, up to the
+special-token names.
 """
 
+import gzip
+import hashlib
 import importlib.util
+import json
+import shutil
 import unicodedata
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
+import transformers
+from diffusers import UNet2DConditionModel
 from transformers import CLIPTokenizer
 
 from ldm_engine import tokenizer as tokenizer_module
+from ldm_engine import vocab as vocab_module
+from ldm_engine.cli import main as cli_main
+from ldm_engine.components import load_model
+from ldm_engine.errors import ModelFolderError
 from ldm_engine.tokenizer import (
     BOS_ID,
     EOS_ID,
@@ -21,6 +34,7 @@ from ldm_engine.tokenizer import (
     VOCAB_SIZE,
     PromptTruncatedWarning,
     SDTokenizer,
+    VocabularyFileError,
     clean_prompt,
 )
 
@@ -92,17 +106,37 @@ PROMPTS = [
 
 
 def _load_reference_module():
-    spec = importlib.util.find_spec("open_clip")
-    path = Path(next(iter(spec.submodule_search_locations))) / "tokenizer.py"
-    module_spec = importlib.util.spec_from_file_location("_open_clip_tokenizer_reference", path)
+    spec = importlib.util.find_spec("clip")
+    path = Path(next(iter(spec.submodule_search_locations))) / "simple_tokenizer.py"
+    module_spec = importlib.util.spec_from_file_location("_openai_clip_tokenizer_reference", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module
 
 
+class _Reference:
+    """OpenAI's SimpleTokenizer, plus ``clip.tokenize(texts, truncate=True)`` as rows."""
+
+    def __init__(self):
+        self.tokenizer = _load_reference_module().SimpleTokenizer()
+        self.encoder = self.tokenizer.encoder
+        self.encode = self.tokenizer.encode
+
+    def __call__(self, prompts):
+        prompts = [prompts] if isinstance(prompts, str) else prompts
+        rows = torch.zeros(len(prompts), MAX_LENGTH, dtype=torch.long)
+        for i, prompt in enumerate(prompts):
+            ids = [BOS_ID, *self.encode(prompt), EOS_ID]
+            if len(ids) > MAX_LENGTH:  # cut the framed row, then EOS over its last id
+                ids = ids[:MAX_LENGTH]
+                ids[-1] = EOS_ID
+            rows[i, : len(ids)] = torch.tensor(ids)
+        return rows
+
+
 @pytest.fixture(scope="module")
 def ref():
-    return _load_reference_module().SimpleTokenizer()
+    return _Reference()
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +161,7 @@ def test_enough_varied_prompts():
 
 
 @pytest.mark.parametrize("prompt", PROMPTS, ids=range(len(PROMPTS)))
-def test_eos_padding_matches_open_clip_up_to_eos(prompt, sd1, ref):
+def test_eos_padding_matches_openai_up_to_eos(prompt, sd1, ref):
     expected = ref(prompt)[0]  # (77,), zero-padded
     eos_at = int((expected == EOS_ID).nonzero()[0])
     ours = _quiet(sd1, prompt)[0]
@@ -136,7 +170,7 @@ def test_eos_padding_matches_open_clip_up_to_eos(prompt, sd1, ref):
 
 
 @pytest.mark.parametrize("prompt", PROMPTS, ids=range(len(PROMPTS)))
-def test_zero_padding_matches_open_clip_rows(prompt, sd2, ref):
+def test_zero_padding_matches_openai_rows(prompt, sd2, ref):
     assert _quiet(sd2, prompt)[0].tolist() == ref(prompt)[0].tolist()
 
 
@@ -149,7 +183,7 @@ def test_batch_shape_dtype_and_rows(sd1, sd2, ref):
     assert sd1([]).shape == (0, MAX_LENGTH)
 
 
-def test_sampled_code_points_match_open_clip(sd2, ref):
+def test_sampled_code_points_match_openai(sd2, ref):
     # Every 13th assigned code point, alone and inside a word; the full sweep (~145k) also passes.
     assigned = (c for c in range(0x110000) if not 0xD800 <= c < 0xE000)
     points = [c for c in assigned if unicodedata.category(chr(c)) not in ("Cn", "Co")][::13]
@@ -157,10 +191,8 @@ def test_sampled_code_points_match_open_clip(sd2, ref):
     assert torch.equal(_quiet(sd2, prompts), ref(prompts))
 
 
-def test_vocab_is_open_clips(sd1, ref):
-    renamed = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
-    expected = {renamed.get(token, token): i for token, i in ref.encoder.items()}
-    assert sd1.hf.get_vocab() == expected
+def test_vocab_is_openais(sd1, ref):
+    assert sd1.hf.get_vocab() == ref.encoder
     assert len(sd1.hf) == VOCAB_SIZE == 49408
 
 
@@ -177,10 +209,10 @@ def test_special_and_pad_ids(sd1, sd2):
 
 def test_special_token_literals_follow_openai_clip(sd1, ref):
     # OpenAI CLIP / HF / SD-1.x read "<|endoftext|>" as EOS; open_clip renamed it "<end_of_text>".
-    assert sd1.encode("a <|endoftext|> b") == [320, EOS_ID, 321]
-    assert sd1.encode("<|startoftext|>") == [BOS_ID]
-    assert ref.encode("<end_of_text>") == [EOS_ID]
+    assert sd1.encode("a <|endoftext|> b") == ref.encode("a <|endoftext|> b") == [320, EOS_ID, 321]
+    assert sd1.encode("<|startoftext|>") == ref.encode("<|startoftext|>") == [BOS_ID]
     assert EOS_ID not in sd1.encode("<end_of_text>")
+    assert sd1.encode("<end_of_text>") == ref.encode("<end_of_text>")
 
 
 def test_clean_prompt_normalises_like_open_clip():
@@ -251,23 +283,222 @@ def test_saved_folder_loads_in_transformers_with_same_ids(pad, tmp_path):
     assert torch.equal(_quiet(again, PROMPTS), _quiet(ours, PROMPTS))
 
 
-def test_from_folder_names_missing_file(sd1, tmp_path):
+# --- where the vocabulary comes from (one file, checked by SHA-256) ----------------------------
+
+
+def _fake_package(root: Path, name: str, content: bytes | None) -> Path:
+    """A package on sys.path holding ``content`` as its BPE file (None: no file)."""
+    (root / name).mkdir()
+    (root / name / "__init__.py").write_text("raise ImportError('never imported')\n")
+    if content is not None:
+        (root / name / vocab_module.BPE_FILE).write_bytes(content)
+    return root / name / vocab_module.BPE_FILE
+
+
+@pytest.fixture()
+def bpe_bytes():
+    return vocab_module.bpe_vocab_path().read_bytes()
+
+
+def test_installed_bpe_file_is_openais():
+    path = vocab_module.bpe_vocab_path()
+    assert path.parent.name == "clip"  # openai-clip, the package setup.cfg installs
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == vocab_module.BPE_SHA256
+
+
+def test_missing_vocabulary_package_says_what_to_install(monkeypatch, tmp_path):
+    _fake_package(tmp_path, "ldm_fake_vocab_empty", None)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(vocab_module, "BPE_PACKAGES", ("ldm_no_such_package", "ldm_fake_vocab_empty"))
+    with pytest.raises(VocabularyFileError, match="bpe_simple_vocab_16e6.txt.gz was not found.*"
+                       "pip install openai-clip") as caught:
+        SDTokenizer.from_bpe()
+    assert isinstance(caught.value, FileNotFoundError) and "\n" not in str(caught.value)
+
+
+def test_file_found_in_a_later_package_is_used(monkeypatch, tmp_path, bpe_bytes):
+    path = _fake_package(tmp_path, "ldm_fake_vocab_ok", bpe_bytes)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(vocab_module, "BPE_PACKAGES", ("ldm_no_such_package", "ldm_fake_vocab_ok"))
+    assert vocab_module.bpe_vocab_path() == path
+    assert SDTokenizer.from_bpe()("a cat")[0, :4].tolist() == [BOS_ID, 320, 2368, EOS_ID]
+
+
+def _other_merges(bpe_bytes: bytes) -> bytes:
+    """The same merge list with two ranks swapped: every size right, some prompts' ids not."""
+    lines = gzip.decompress(bpe_bytes).decode("utf-8").split("\n")
+    lines[1], lines[2] = lines[2], lines[1]
+    return gzip.compress("\n".join(lines).encode("utf-8"))
+
+
+def test_a_different_bpe_file_is_refused(monkeypatch, tmp_path, bpe_bytes):
+    # Another package that happens to be called `clip`, or a damaged install: never used.
+    wrong = _fake_package(tmp_path, "ldm_fake_vocab_wrong", _other_merges(bpe_bytes))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(vocab_module, "BPE_PACKAGES", ("ldm_fake_vocab_wrong",))
+    with pytest.raises(VocabularyFileError, match="is not OpenAI CLIP's .*SHA-256"):
+        SDTokenizer.from_bpe()
+    with pytest.raises(VocabularyFileError, match="SHA-256"):
+        vocab_module.clip_vocab(str(wrong))  # the check is on the bytes that are parsed
+    # A good copy further down the search order wins over the bad one.
+    good = _fake_package(tmp_path, "ldm_fake_vocab_good", bpe_bytes)
+    monkeypatch.setattr(vocab_module, "BPE_PACKAGES", ("ldm_fake_vocab_wrong", "ldm_fake_vocab_good"))
+    assert vocab_module.bpe_vocab_path() == good
+
+
+# --- tokenizer folders: both layouts, CLIP's tables only, one-line errors ------------------------
+
+
+@pytest.mark.parametrize("pad", ["eos", "zero"])
+def test_folder_saved_by_transformers_loads(pad, tmp_path):
+    """transformers 5's save_pretrained writes tokenizer.json + tokenizer_config.json only."""
+    ours = SDTokenizer.from_bpe(pad)
+    ours.hf.save_pretrained(tmp_path)
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
+    again = SDTokenizer.from_folder(tmp_path)
+    assert (again.pad_id, again.max_length) == (ours.pad_id, MAX_LENGTH)
+    assert again.pad_id == (EOS_ID if pad == "eos" else 0)
+    assert torch.equal(_quiet(again, PROMPTS), _quiet(ours, PROMPTS))
+
+
+def test_tokenizer_json_with_string_merges_and_all_files(tmp_path, sd1):
+    """A fast tokenizer saved by transformers 4: every file, merges spelled "a b"."""
+    sd1.save(tmp_path)
+    sd1.hf.save_pretrained(tmp_path / "new")
+    data = json.loads((tmp_path / "new/tokenizer.json").read_text(encoding="utf-8"))
+    data["model"]["merges"] = [" ".join(m) for m in data["model"]["merges"]]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    assert torch.equal(_quiet(SDTokenizer.from_folder(tmp_path), PROMPTS), _quiet(sd1, PROMPTS))
+
+
+def _edit_json(path: Path, edit) -> None:
+    data = json.loads(path.read_text(encoding="utf-8"))
+    edit(data)
+    path.write_text(json.dumps(data), encoding="utf-8")
+
+
+def _swap(table: dict, a: str, b: str) -> None:
+    table[a], table[b] = table[b], table[a]
+
+
+def _swap_merges(model: dict) -> None:
+    model["merges"][0], model["merges"][1] = model["merges"][1], model["merges"][0]
+
+
+@pytest.mark.parametrize("layout", ["tokenizer.json", "vocab.json"])
+@pytest.mark.parametrize("change,message", [
+    (lambda model: _swap(model["vocab"], "cat</w>", "dog</w>"), "not CLIP's vocabulary.*'cat</w>'"),
+    (lambda model: model["vocab"].update({"<cat-toy>": 49408}), "49409 tokens, CLIP has 49408"),
+    (_swap_merges, "not CLIP's merge list .merge 0"),
+    (lambda model: model["merges"].pop(), "48893 merges, CLIP has 48894"),
+])
+def test_a_different_vocabulary_is_refused(layout, change, message, sd1, tmp_path):
+    if layout == "tokenizer.json":
+        sd1.hf.save_pretrained(tmp_path)
+        _edit_json(tmp_path / "tokenizer.json", lambda data: change(data["model"]))
+    else:
+        sd1.save(tmp_path)
+        vocab = json.loads((tmp_path / "vocab.json").read_text(encoding="utf-8"))
+        lines = (tmp_path / "merges.txt").read_text(encoding="utf-8").split("\n")
+        model = {"vocab": vocab, "merges": [line.split(" ") for line in lines[1:] if line]}
+        change(model)
+        (tmp_path / "vocab.json").write_text(json.dumps(model["vocab"]), encoding="utf-8")
+        merges = "\n".join(["#version: 0.2", *(" ".join(m) for m in model["merges"])]) + "\n"
+        (tmp_path / "merges.txt").write_text(merges, encoding="utf-8")
+    with pytest.raises(ModelFolderError, match=message) as caught:
+        SDTokenizer.from_folder(tmp_path)
+    assert "\n" not in str(caught.value)
+
+
+ADDED = {"id": 49408, "content": "<cat-toy>", "special": False}
+
+
+@pytest.mark.parametrize("file,edit,message", [
+    ("tokenizer_config.json special_tokens_map.json", lambda c: c.update(pad_token="<|startoftext|>"),
+     "pads with '<|startoftext|>'"),
+    ("tokenizer_config.json", lambda c: c.update(bos_token="<s>"), "bos_token is '<s>'"),
+    ("tokenizer_config.json", lambda c: c.update(pad_token={"content": "!"}), "different pad tokens"),
+    ("tokenizer_config.json", lambda c: c.update(model_max_length="77"), "model_max_length"),
+    ("tokenizer_config.json", lambda c: c.update(model_max_length=1), "model_max_length"),
+    ("special_tokens_map.json", lambda c: c.update(pad_token=5), "must be a token string"),
+    ("tokenizer.json", lambda t: t.update(padding={"pad_token": "!", "pad_id": 5}), "pad_id 5"),
+    ("tokenizer.json", lambda t: t.update(padding={"pad_token": "!", "pad_id": 0}), "different pad"),
+    ("tokenizer.json", lambda t: t["added_tokens"].append(ADDED), "'<cat-toy>' .id 49408"),
+    ("tokenizer.json", lambda t: t.update(added_tokens={"a": 1}), "added_tokens must be a list"),
+    ("tokenizer.json", lambda t: t.update(model=[]), "does not hold a BPE model"),
+    ("tokenizer.json", lambda t: t["model"].update(vocab=[1]), "must map tokens to integer ids"),
+    ("tokenizer.json", lambda t: t["model"].update(merges=[["a", "b", "c"]]), "merge 0 is"),
+])
+def test_bad_special_tokens_padding_and_added_tokens(file, edit, message, sd1, tmp_path):
+    sd1.save(tmp_path)  # all five files, each naming the EOS pad
+    sd1.hf.save_pretrained(tmp_path / "new")
+    shutil.copy(tmp_path / "new/tokenizer.json", tmp_path)
+    for name in file.split():
+        _edit_json(tmp_path / name, edit)
+    with pytest.raises(ModelFolderError, match=message) as caught:
+        SDTokenizer.from_folder(tmp_path)
+    assert "\n" not in str(caught.value)
+
+
+def test_unset_model_max_length_means_77(sd1, tmp_path):
+    sd1.save(tmp_path)
+    _edit_json(tmp_path / "tokenizer_config.json", lambda c: c.update(model_max_length=int(1e30)))
+    assert SDTokenizer.from_folder(tmp_path).max_length == MAX_LENGTH
+    _edit_json(tmp_path / "tokenizer_config.json", lambda c: c.pop("model_max_length"))
+    assert SDTokenizer.from_folder(tmp_path).max_length == MAX_LENGTH
+
+
+@pytest.mark.parametrize("file,content,message", [
+    ("vocab.json", b"{", "vocab.json is not valid JSON"),
+    ("vocab.json", b"[1, 2]", "must hold a JSON object, not list"),
+    ("vocab.json", b'{"a": "x"}', "must map tokens to integer ids"),
+    ("vocab.json", b'{"a": true}', "must map tokens to integer ids"),
+    ("vocab.json", b"\xff\xfe{}", "vocab.json is not UTF-8"),
+    ("vocab.json", b"[" * 100000, "not valid JSON"),
+    ("merges.txt", b"#version: 0.2\n\xc3(\n", "merges.txt is not UTF-8"),
+    ("merges.txt", b"#version: 0.2\na b c\n", "merge 0 is 'a b c'"),
+    ("tokenizer_config.json", b"{", "tokenizer_config.json is not valid JSON"),
+    ("tokenizer_config.json", b"\x80", "tokenizer_config.json is not UTF-8"),
+    ("special_tokens_map.json", b"null", "must hold a JSON object"),
+    ("tokenizer.json", b"{", "tokenizer.json is not valid JSON"),
+    ("added_tokens.json", b'{"<cat-toy>": 49408}', "not CLIP's: '<cat-toy>'"),
+])
+def test_broken_tokenizer_files_are_one_line_errors(file, content, message, sd1, tmp_path):
+    sd1.save(tmp_path)
+    (tmp_path / file).write_bytes(content)
+    with pytest.raises(ModelFolderError, match=message) as caught:
+        SDTokenizer.from_folder(tmp_path)
+    assert "\n" not in str(caught.value)
+
+
+def test_missing_tables_are_named(sd1, tmp_path):
     sd1.save(tmp_path)
     (tmp_path / "merges.txt").unlink()
-    with pytest.raises(FileNotFoundError, match="merges.txt"):
+    with pytest.raises(ModelFolderError, match="has vocab.json but no merges.txt"):
         SDTokenizer.from_folder(tmp_path)
+    (tmp_path / "vocab.json").unlink()
+    with pytest.raises(ModelFolderError, match="neither tokenizer.json nor vocab.json"):
+        SDTokenizer.from_folder(tmp_path)
+    with pytest.raises(ModelFolderError, match="not found"):
+        SDTokenizer.from_folder(tmp_path / "absent")
 
 
-def test_missing_open_clip_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(tokenizer_module, "_BPE_PACKAGE", "ldm_engine_no_such_package")
-    with pytest.raises(FileNotFoundError, match="bpe_simple_vocab_16e6.txt.gz.*open_clip_torch"):
-        SDTokenizer.from_bpe()
+def test_broken_tokenizer_in_a_model_folder_fails_before_compute(tiny_dir, tmp_path, capsys,
+                                                                 monkeypatch):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model)
+    (model / "tokenizer/vocab.json").write_text("{", encoding="utf-8")
+    with pytest.raises(ModelFolderError, match="vocab.json is not valid JSON"):
+        load_model(model)
+    # The CLI: exit status 2, one line, and the UNet never runs.
+    monkeypatch.setattr(UNet2DConditionModel, "forward", _never_called)
+    out = tmp_path / "out.png"
+    assert cli_main(["generate", "a cat", "--model", str(model), "--steps", "2", "--out",
+                     str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "vocab.json is not valid JSON" in err and not out.exists()
 
 
-def test_missing_bpe_file_is_a_clear_error(monkeypatch, tmp_path):
-    (tmp_path / "fake_open_clip").mkdir()
-    (tmp_path / "fake_open_clip" / "__init__.py").write_text("")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(tokenizer_module, "_BPE_PACKAGE", "fake_open_clip")
-    with pytest.raises(FileNotFoundError, match="bpe_simple_vocab_16e6.txt.gz was not found"):
-        SDTokenizer.from_bpe()
+def _never_called(*args, **kwargs):
+    raise AssertionError("the UNet ran")

@@ -15,6 +15,8 @@ import torch
 import train.runtime as runtime
 from pipelines import TextToImage
 from train import load_config, main
+from train.__main__ import cli
+from train.stage_unet import load_conditioning
 from train.data import read_imagefolder
 from train.shapes import write_imagefolder
 
@@ -108,6 +110,86 @@ def test_config_overrides_and_errors(tmp_path):
         load_config(None, ["unet.prediction_type=x0"])
     with pytest.raises(ValueError, match="key=value"):
         load_config(None, ["unet.steps"])
+
+
+BUNDLED = ROOT / "ldm_engine/models/default"
+
+
+def test_default_config_writes_its_model_under_output_dir(tmp_path, monkeypatch, capsys):
+    """The README's command must never replace the bundled model (only `make train-default`)."""
+    monkeypatch.chdir(ROOT)             # the README runs it from the repo root
+    default = ROOT / "train/configs/default.yaml"
+    cfg = load_config(default, ["unet.steps=2000", "output_dir=runs/x"])
+    assert cfg.model_path == Path("runs/x/model")
+    assert load_config(default, [f"output_dir={tmp_path}"]).model_path == tmp_path / "model"
+    # A config file naming the bundled folder is refused, relative or absolute; only the command
+    # line may name it, as the Makefile does.
+    for where in ("ldm_engine/models/default", str(BUNDLED), str(BUNDLED / "sub")):
+        own = tmp_path / "own.yaml"
+        own.write_text(default.read_text() + f"model_dir: {where}\n")
+        with pytest.raises(ValueError, match="inside the bundled models"):
+            load_config(own, [f"output_dir={tmp_path}"])
+        assert cli([str(own)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "bundled models" in err and "Traceback" not in err
+    explicit = load_config(default, ["model_dir=ldm_engine/models/default"])
+    assert explicit.model_path.resolve() == BUNDLED
+    assert "model_dir=ldm_engine/models/default" in (ROOT / "Makefile").read_text()
+
+
+# Two steps of batch 2 on four 64 px scenes; warm-up 1 so the second step has the full rate.
+FINE_TUNE = ["stages=[unet]", f"unet.init_from={BUNDLED}", "data.num_images=4",
+             "unet.steps=2", "unet.batch_size=2", "unet.warmup_steps=1",
+             "unet.mixed_precision=fp32", "checkpoint_every=0", "sample_every=0",
+             "save_dtype=fp32"]
+
+
+def _changed(before: dict, after: dict) -> bool:
+    assert before.keys() == after.keys()
+    return any(not torch.equal(before[k].float(), after[k]) for k in before)
+
+
+@pytest.mark.parametrize("train_text", [False, True], ids=["unet", "unet+text"])
+def test_fine_tune_from_the_bundled_model(tmp_path, train_text):
+    extra = ["unet.train_text_encoder=true", "unet.cache=false"] if train_text else []
+    cfg = load_config(ROOT / "train/configs/default.yaml",
+                      FINE_TUNE + [f"output_dir={tmp_path}", *extra])
+    assert cfg.model_path == tmp_path / "model"       # checked before anything is written
+    text_file = "text_encoder/model.safetensors"
+    vae_file = "vae/diffusion_pytorch_model.safetensors"
+    original = {f: safetensors.torch.load_file(str(BUNDLED / f)) for f in (text_file, vae_file)}
+    out = main(cfg)
+    assert out == tmp_path / "model"
+    assert _changed(weights(BUNDLED), weights(out))
+    assert _changed(original[text_file],
+                    safetensors.torch.load_file(str(out / text_file))) == train_text
+    assert not _changed(original[vae_file], safetensors.torch.load_file(str(out / vae_file)))
+    res = TextToImage.from_folder(out)("a red circle on the left", num_inference_steps=2,
+                                       seed=0, progress=False)
+    assert res.images[0].size == (64, 64) and torch.isfinite(res.pixels).all()
+
+
+def test_fine_tune_at_another_resolution(tmp_path):
+    """Noise is drawn at the training images' latent size, not the loaded UNet's native one."""
+    cfg = load_config(ROOT / "train/configs/default.yaml",
+                      FINE_TUNE + [f"output_dir={tmp_path}", "data.size=32"])
+    assert _changed(weights(BUNDLED), weights(main(cfg)))
+
+
+def test_fine_tune_keeps_the_objective_of_the_model_it_starts_from(tmp_path):
+    """A v-prediction model (SD 2.x 768) fine-tuned without naming an objective stays v."""
+    src = tmp_path / "v-model"
+    shutil.copytree(BUNDLED, src)
+    sched = src / "scheduler/scheduler_config.json"
+    config = json.loads(sched.read_text()) | {"prediction_type": "v_prediction"}
+    sched.write_text(json.dumps(config))
+    base = [f"output_dir={tmp_path}", f"unet.init_from={src}"]
+    cond = load_conditioning(load_config(None, base))
+    assert cond.schedule.prediction_type == "v_prediction"
+    cond = load_conditioning(load_config(None, base + ["unet.prediction_type=epsilon"]))
+    assert cond.schedule.prediction_type == "epsilon"
+    assert load_conditioning(load_config(None, [f"unet.init_from={BUNDLED}"])
+                             ).schedule.prediction_type == "epsilon"
 
 
 def test_imagefolder_metadata_and_sidecars(tmp_path):

@@ -144,7 +144,7 @@ def test_png_text_round_trip_edge_cases():
                          steps=12, guidance_scale=1.25, sampler="ddpm", eta=0.5, height=520,
                          width=768, seed=2**40, model="my-model")
     text = p.to_png_text()
-    assert text.splitlines()[-1].startswith("Steps: 12, Sampler: ddpm, CFG scale: 1.25, Seed: ")
+    assert text.splitlines()[-1].startswith("Steps: 12, Sampler: DDPM, CFG scale: 1.25, Seed: ")
     assert GenerationParams.from_png_text(text) == p
     with pytest.raises(UserInputError):
         GenerationParams.from_png_text("just a prompt")

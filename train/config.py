@@ -14,6 +14,11 @@ from typing import Any, Literal
 
 import yaml
 
+import ldm_engine
+
+# The models that ship inside the package (the bundled default model).
+BUNDLED_MODELS = Path(ldm_engine.__file__).resolve().parent / "models"
+
 Stage = Literal["clip", "vae", "unet"]
 # Per-stage autocast. bf16 needs no loss scaling and runs fast on CPUs with AVX-512-bf16 and on
 # Ampere+ GPUs; fp16 autocast is left out (it needs a grad scaler and is unusably slow on CPUs).
@@ -81,7 +86,9 @@ class UNetStage:
     down_block_types: tuple[str, ...] = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
                                          "DownBlock2D")
     up_block_types: tuple[str, ...] = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
-    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    # "": the objective of the model being fine-tuned (init_from), epsilon for a new one. Naming
+    # one switches a fine-tuned model to it (its saved scheduler config says which it predicts).
+    prediction_type: Literal["", "epsilon", "v_prediction"] = ""
     # Drop the caption this often so one network also learns the unconditional model (for CFG).
     caption_dropout: float = 0.1
     # Min-SNR-gamma loss weighting (Hang et al. 2023); 0 disables it.
@@ -124,7 +131,9 @@ class TrainConfig:
     # Refuse to run unless exactly this many processes were launched (0: no check). accelerate's
     # `--cpu --num_processes N` silently starts one process; this catches it.
     num_processes: int = 0
-    # Where the finished model folder goes (default: <output_dir>/model).
+    # Where the finished model folder goes (default: <output_dir>/model). A run writes into the
+    # bundled model (ldm_engine/models/) only when model_dir is given on the command line, as
+    # `make train-default` does: a config file, or a copy of one, can never replace it by accident.
     model_dir: str = ""
     # Cast the shipped weights (e.g. "fp16" halves the bundled model's size).
     save_dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
@@ -197,7 +206,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Tr
             node = node.setdefault(p, {})
         # YAML parsing gives overrides the same typing as the file ("3" -> 3, "[a, b]" -> list).
         node[leaf] = yaml.safe_load(value)
-    return _build(TrainConfig, raw)
+    config = _build(TrainConfig, raw)
+    explicit = any(item.partition("=")[0] == "model_dir" for item in overrides)
+    _check_model_dir(config, explicit)
+    return config
+
+
+def _check_model_dir(config: TrainConfig, explicit: bool) -> None:
+    """Refuse to write the finished model into the package unless asked on the command line."""
+    target = config.model_path.resolve()
+    if not explicit and target.is_relative_to(BUNDLED_MODELS):
+        raise ValueError(
+            f"model_dir {config.model_dir or config.model_path} is inside the bundled models "
+            f"({BUNDLED_MODELS}); a training run writes its model under output_dir. To replace "
+            "the bundled model on purpose, pass model_dir=... on the command line "
+            "(`make train-default` does)")
 
 
 def to_dict(config: TrainConfig) -> dict:

@@ -54,7 +54,10 @@ def load_conditioning(config: TrainConfig) -> Conditioning:
     if u.init_from:
         c = load_model(u.init_from)
         schedule = ScheduleConfig.from_dict(c.schedule.to_dict() | {
-            "prediction_type": u.prediction_type})
+            "prediction_type": u.prediction_type or c.schedule.prediction_type})
+        if schedule.prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"{u.init_from} predicts {schedule.prediction_type!r}; the unet "
+                             "stage trains epsilon or v_prediction (set unet.prediction_type)")
         return Conditioning(c.text_encoder, c.tokenizer, c.vae, c.unet, schedule)
     root = Path(config.output_dir)
     text = CLIPTextModel.from_pretrained(root / "clip/text_encoder", local_files_only=True)
@@ -62,7 +65,7 @@ def load_conditioning(config: TrainConfig) -> Conditioning:
     tokenizer = SDTokenizer.from_folder(root / "clip/tokenizer")
     # Our own models sample with zero-terminal-SNR-free SD defaults: scaled-linear betas, leading
     # spacing with offset 1 -- exactly what diffusers' SD pipelines expect from the folder.
-    schedule = ScheduleConfig(prediction_type=u.prediction_type)
+    schedule = ScheduleConfig(prediction_type=u.prediction_type or "epsilon")
     return Conditioning(text.eval(), tokenizer, vae.eval(), None, schedule)
 
 
@@ -129,13 +132,15 @@ def train_unet(config: TrainConfig, accelerator: Accelerator, data: ImageCaption
     unet = cond.unet if cond.unet is not None else build_unet(config, cond)
     if u.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    unet.train()
-    text_encoder = cond.text_encoder.train() if u.train_text_encoder else None
+    # Gradients are set explicitly for every network: a loaded model (init_from) comes back
+    # frozen, as load_model returns inference-ready networks, and a fresh one trains everything.
+    unet.train().requires_grad_(True)
     cond.vae.requires_grad_(False)
-    if text_encoder is None:
-        cond.text_encoder.requires_grad_(False)
+    cond.text_encoder.requires_grad_(u.train_text_encoder)
+    text_encoder = cond.text_encoder.train() if u.train_text_encoder else None
     schedule = train_schedule(cond.schedule)
     alphas = schedule.alphas_cumprod
+    objective = cond.schedule.prediction_type          # resolved: the config's or the model's
     sf = cond.vae.config.scaling_factor
     t0 = time.perf_counter()
     cache = encode_cache(cond, data) if u.cache else None
@@ -152,8 +157,10 @@ def train_unet(config: TrainConfig, accelerator: Accelerator, data: ImageCaption
     model, optimizer = accelerator.prepare(model, optimizer)
     ema.to(accelerator.device)
     device = accelerator.device
-    shape = (cond.vae.config.latent_channels, data.images.shape[-2] // (data.images.shape[-2] //
-             unet.config.sample_size), unet.config.sample_size)
+    # Latents of the training images, whatever size the UNet (e.g. a loaded one) was built for.
+    factor = 2 ** (len(cond.vae.config.block_out_channels) - 1)
+    shape = (cond.vae.config.latent_channels, data.images.shape[-2] // factor,
+             data.images.shape[-1] // factor)
     T = cond.schedule.num_train_timesteps
 
     def draw(n, g):
@@ -184,11 +191,11 @@ def train_unet(config: TrainConfig, accelerator: Accelerator, data: ImageCaption
         z = (mean + std * d["z_eps"]) * sf
         noise = d["noise"] + u.offset_noise * d["offset"]
         z_t = add_noise(schedule, z, noise, d["t"])
-        target = noise if u.prediction_type == "epsilon" else velocity(schedule, z, noise, d["t"])
+        target = noise if objective == "epsilon" else velocity(schedule, z, noise, d["t"])
         with autocast(accelerator, u.mixed_precision):
             pred = model(z_t, d["t"], **extra)
         per_sample = (pred.float() - target).pow(2).mean(dim=(1, 2, 3))
-        w = snr_weight(alphas.to(device)[d["t"]], u.min_snr_gamma, u.prediction_type)
+        w = snr_weight(alphas.to(device)[d["t"]], u.min_snr_gamma, objective)
         return (w * per_sample).mean()
 
     def after_step(step: int) -> None:

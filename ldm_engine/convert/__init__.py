@@ -10,11 +10,15 @@ bit-for-bit read-back. Nothing here touches the network.
 Modules, in the order data flows through them:
 
 * ``ckpt``         -- ``.ckpt`` loading through torch's weights_only unpickler with an allowlist.
+* ``torch_zip``    -- the ``.ckpt`` zip container: structure checks, CRC-checked tensor records.
 * ``single_file``  -- reading and writing ``.safetensors``/``.ckpt``, with read-back verification.
 * ``detect``       -- from key names and shapes: supported or not, text layout, architecture.
 * ``keys_unet``, ``keys_vae``, ``keys_text`` -- the name (and shape) mapping of each network.
 * ``ldm_layout``   -- a whole model between the single-file dict and ``ModelState``; metadata.
 * ``folder``       -- diffusers folders as ``ModelState``, read and written.
+* ``latent_scale`` -- a single file gets the family's standard VAE scaling factor, the model's own
+  folded into the VAE weights, so tools that assume the standard decode it right.
+* ``to_components`` -- a single file as in-memory networks (``ldm generate --model file``).
 * ``model_state``  -- the ``ModelState`` container and its shape check.
 """
 
@@ -30,6 +34,7 @@ import torch
 from ..configs import FAMILIES
 from ..errors import UserInputError
 from .folder import read_folder, write_folder
+from .latent_scale import with_standard_scaling
 from .ldm_layout import PREDICTIONS, encode_metadata, state_from_ldm, state_to_ldm
 from .model_state import ModelState, cast_weights, check_shapes
 from .single_file import (CKPT_SUFFIXES, SAFETENSORS_SUFFIXES, FileKind, file_kind,
@@ -93,6 +98,7 @@ def load_state(src: str | os.PathLike, *, ema: bool = False, family: str | None 
         sf = read_single_file(src, trust_pickle=trust_pickle)
         state = state_from_ldm(sf.tensors, sf.metadata, sf.extras, str(src), ema=ema,
                                family=family, prediction=prediction)
+        state.notes.extend(sf.notes)                # e.g. tensors holding NaN or inf
     check_shapes(state, str(src))
     return state
 
@@ -129,6 +135,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: OutputKind | 
     if out == "diffusers":
         write_folder(state, dst, dtype=cast, overwrite=overwrite)
     else:
+        # Other tools read a single file with their family's standard latent scale, not ours.
+        state = with_standard_scaling(state, cast)
         write_single_file(cast_weights(state_to_ldm(state), cast), dst, encode_metadata(state),
                           file_format)
         if state.text_layout == "open_clip":

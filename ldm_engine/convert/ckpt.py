@@ -17,33 +17,32 @@ checkpoints actually contain besides tensors, and nothing that can run code:
 
 Anything else is refused with the offending global named; ``--trust-pickle`` is the only way to
 full unpickling, and it warns loudly. There is no automatic fallback.
+
+The pickle is run by our own call of that unpickler (not ``torch.load``) so that its
+``persistent_load`` -- where torch would read each tensor's bytes with its own zip reader -- is
+served from CRC-checked ``zipfile`` reads instead (torch_zip.py says why).
 """
 
 from __future__ import annotations
 
 import _compat_pickle
+import io
 import pickle
 import pickletools
 import warnings
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch._utils import IMPORT_MAPPING, NAME_MAPPING
+from torch._weights_only_unpickler import Unpickler as WeightsOnlyUnpickler
 from torch._weights_only_unpickler import _get_allowed_globals
+from torch.serialization import StorageType, _maybe_decode_ascii
 
 from .errors import CheckpointError, UnsafeCheckpointError
+from .torch_zip import CheckpointArchive, open_checkpoint
 
-_LFS_POINTER_PREFIX = b"version https://git-lfs.github.com/spec/"
-_ZIP_LOCAL_HEADER = b"PK\x03\x04"
-# What zipfile raises for damaged archives (truncation, bad offsets, bad CRCs). Flag bits and
-# compression methods it cannot read are refused by name before any member is opened.
-_ZIP_ERRORS = (zipfile.BadZipFile, OSError, EOFError, ValueError)
-# General-purpose flag bits torch.save never sets: encrypted (0), compressed patch data (5),
-# strong encryption (6).
-_UNSUPPORTED_FLAGS = 0x61
 LIGHTNING_CHECKPOINT_CALLBACK = "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"
 
 
@@ -136,102 +135,98 @@ def pickle_globals(data: bytes) -> list[tuple[str, str]]:
     return list(dict.fromkeys(found))
 
 
-def _check_archive(path: Path, *, trust_pickle: bool) -> zipfile.ZipFile | None:
-    """Framing checks before torch sees the file; returns the open archive (None: legacy format)."""
+# torch.tensor became torch._tensor (pytorch#51633); old pickles name the old module.
+_TORCH_MODULE_RENAMES = {"torch.tensor": "torch._tensor"}
+
+
+class _FullUnpickler(pickle.Unpickler):
+    """What torch.load(weights_only=False) unpickles with: any global, storage names mapped."""
+
+    def find_class(self, module: str, name: str):
+        if type(name) is str and "Storage" in name:
+            try:
+                return StorageType(name)
+            except KeyError:
+                pass
+        return super().find_class(_TORCH_MODULE_RENAMES.get(module, module), name)
+
+
+def _unpickle(archive: CheckpointArchive, data: bytes, *, trust_pickle: bool) -> object:
+    """Run the pickle with tensors served by `archive` (CRC-checked zipfile reads), never by
+    torch's zip reader. weights_only: torch's restricted unpickler with our allowlist."""
+    def persistent_load(saved_id):
+        if not (isinstance(saved_id, tuple) and len(saved_id) == 5
+                and _maybe_decode_ascii(saved_id[0]) == "storage"):
+            raise pickle.UnpicklingError(f"unsupported persistent id {str(saved_id)[:60]}")
+        _, storage_type, key, _location, numel = saved_id
+        return archive.typed_storage(storage_type, _maybe_decode_ascii(key), numel)
+
+    if trust_pickle:
+        unpickler = _FullUnpickler(io.BytesIO(data), encoding="utf-8")
+    else:
+        unpickler = WeightsOnlyUnpickler(io.BytesIO(data), encoding="utf-8")
+    unpickler.persistent_load = persistent_load
     try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint not found: {path}") from None
-    if size == 0:
-        raise CheckpointError(f"{path} is empty (0 bytes): the download or copy did not finish")
-    with open(path, "rb") as f:
-        head = f.read(len(_LFS_POINTER_PREFIX))
-    if head.startswith(_LFS_POINTER_PREFIX):
-        raise CheckpointError(
-            f"{path} is a git-LFS pointer, not the weights: run `git lfs pull` in its repository")
+        if trust_pickle:
+            return unpickler.load()
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return unpickler.load()
+    finally:
+        _clear_sparse_validation()
+
+
+def _clear_sparse_validation() -> None:
+    """Rebuilt sparse tensors wait in a torch-global list for a bulk check; run it (and so empty
+    the list) whatever happened. Sparse tensors are refused later anyway."""
     try:
-        archive = zipfile.ZipFile(path)
-    except _ZIP_ERRORS as e:
-        if head.startswith(_ZIP_LOCAL_HEADER):
-            raise CheckpointError(
-                f"{path} is truncated or damaged: its zip directory cannot be read ({e})") from None
-        if trust_pickle and head[:1] == b"\x80":
-            return None  # pre-1.6 torch.save format; only the full unpickler reads it
-        raise CheckpointError(
-            f"{path} is not a PyTorch zip checkpoint (.ckpt/.pt written by torch.save >= 1.6)"
-            + (": it starts like a legacy pickle, which only --trust-pickle reads"
-               if head[:1] == b"\x80" else "")) from None
-    try:
-        pickles = [n for n in archive.namelist() if n == "data.pkl" or n.endswith("/data.pkl")]
-        if len(pickles) != 1:
-            raise CheckpointError(
-                f"{path} is a zip archive but not a PyTorch checkpoint (no data.pkl)")
-        # torch.save stores records uncompressed; a compressed member could also be a zip bomb.
-        packed = [i.filename for i in archive.infolist() if i.compress_type != zipfile.ZIP_STORED]
-        if packed:
-            raise CheckpointError(f"{path} is not a PyTorch checkpoint: {packed[0]} is compressed")
-        flagged = [i.filename for i in archive.infolist() if i.flag_bits & _UNSUPPORTED_FLAGS]
-        if flagged:
-            raise CheckpointError(f"{path} is damaged or not a PyTorch checkpoint: {flagged[0]} "
-                                  "is marked encrypted or patched")
-        # torch does not check the archive's CRCs; a flipped bit in a tensor would load silently.
-        for info in archive.infolist():
-            with archive.open(info) as member:
-                while member.read(1 << 24):
-                    pass
-    except _ZIP_ERRORS as e:
-        archive.close()
-        raise CheckpointError(f"{path} is damaged: {e}") from None
-    except CheckpointError:
-        archive.close()
-        raise
-    return archive
+        torch._utils._validate_loaded_sparse_tensors()
+    except Exception:  # an invalid sparse tensor: refused by its layout in any case
+        torch._utils._sparse_tensors_to_validate.clear()
 
 
 def load_pickle(path: str | Path, *, trust_pickle: bool = False) -> object:
     """The object a ``.ckpt`` holds, tensors on CPU; refused unless it passes the allowlist.
 
-    The archive's CRCs are checked and every tensor record is read into memory, where torch
-    checks its size. (Memory-mapping would be lighter, but torch's mmap path does not notice a
-    record shorter than its tensor: the tensor silently reads the bytes that follow.)
+    Every tensor's bytes come from a whole, CRC-checked read of its record through zipfile (see
+    torch_zip.py); nothing is memory-mapped (torch's mmap path does not notice a record shorter
+    than its tensor: the tensor silently reads the bytes that follow).
     """
     path = Path(path)
-    archive = _check_archive(path, trust_pickle=trust_pickle)
+    archive = open_checkpoint(path, allow_legacy=trust_pickle)
     if trust_pickle:
-        if archive is not None:
-            archive.close()
         warnings.warn(
             f"--trust-pickle: fully unpickling {path}. This runs any code the file contains; "
             "do it only for files from a source you trust.", UnsafeLoadWarning, stacklevel=2)
-        try:
-            return torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e:  # any failure of an arbitrary pickle is the file's fault
-            raise CheckpointError(f"cannot load {path}: {type(e).__name__}: {e}") from None
+        if archive is None:                     # pre-1.6 torch.save format: torch's loader only
+            try:
+                return torch.load(path, map_location="cpu", weights_only=False)
+            except Exception as e:  # any failure of an arbitrary pickle is the file's fault
+                raise CheckpointError(f"cannot load {path}: {type(e).__name__}: {e}") from None
     try:
-        pkl_name = next(n for n in archive.namelist() if n == "data.pkl" or n.endswith("/data.pkl"))
-        data = archive.read(pkl_name)
-    except _ZIP_ERRORS as e:
-        raise CheckpointError(f"{path} is damaged: {e}") from None
-    finally:
-        archive.close()
-    unsafe = [python_name(*g) for g in pickle_globals(data) if not _allowed(torch_name(*g))]
-    if unsafe:
-        raise _refusal(path, f"references {', '.join(unsafe[:5])}, which is not")
-    try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=False)
+        data = archive.read("data.pkl")
+        if not trust_pickle:
+            unsafe = [python_name(*g) for g in pickle_globals(data)
+                      if not _allowed(torch_name(*g))]
+            if unsafe:
+                raise _refusal(path, f"references {', '.join(unsafe[:5])}, which is not")
+        return _unpickle(archive, data, trust_pickle=trust_pickle)
+    except CheckpointError:
+        raise
     except pickle.UnpicklingError as e:
         message = str(e)
-        if "GLOBAL" in message or "reduce" in message or "Can only" in message:
+        if not trust_pickle and ("GLOBAL" in message or "reduce" in message
+                                 or "Can only" in message):
             # The scan passed but the unpickler did not: quote the unpickler's own reason.
             reason = next((line.strip() for line in message.splitlines()
                            if "GLOBAL" in line or "reduce" in line or "Can only" in line), message)
             raise _refusal(path, f"asks for something ({reason}) that is not") from None
         last = message.strip().splitlines()[-1] if message.strip() else "unreadable"
         raise CheckpointError(f"{path} holds a damaged pickle: {last}") from None
-    except Exception as e:  # torch reports damage as RuntimeError, EOFError, ... depending on where
+    except Exception as e:  # damage surfaces as RuntimeError, EOFError, ... depending on where
         raise CheckpointError(f"{path} is damaged or not a checkpoint: {type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''}") from None
+    finally:
+        archive.close()
 
 
 def _allowed(name: str) -> bool:
@@ -265,7 +260,28 @@ def checkpoint_state_dict(obj: object, path: str | Path) -> tuple[dict[str, torc
     tensors = {k: v for k, v in state.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
     if not tensors:
         raise CheckpointError(f"{path} holds no tensors: not a model checkpoint")
+    for key, tensor in tensors.items():
+        _check_plain_tensor(key, tensor, path)
     return tensors, extras
+
+
+def _check_plain_tensor(key: str, tensor: torch.Tensor, path: str | Path) -> None:
+    """Weights are dense CPU tensors with data. The weights_only unpickler can also rebuild meta
+    tensors (no data: every later copy fails), sparse, quantized or nested ones (which no weights
+    file holds and safetensors cannot store)."""
+    what = None
+    if tensor.is_meta:
+        what = "a meta tensor (shape only, no data)"
+    elif tensor.is_nested:
+        what = "a nested tensor"
+    elif tensor.layout != torch.strided:
+        what = f"a sparse tensor ({str(tensor.layout).removeprefix('torch.')})"
+    elif tensor.is_quantized:
+        what = "a quantized tensor"
+    elif tensor.device.type != "cpu":
+        what = f"a tensor on {tensor.device}"
+    if what is not None:
+        raise CheckpointError(f"{path} is not a weights checkpoint: {key} is {what}")
 
 
 def save_ckpt(tensors: Mapping[str, torch.Tensor], path: str | Path,

@@ -5,8 +5,9 @@ Three questions, in order:
 1. Is it a Stable Diffusion 1.x/2.x checkpoint at all? Other families are recognised by keys only
    they have (SDXL's ``conditioner.embedders.*``, a UNet with ``label_emb``, ...) and refused with
    those keys named.
-2. Which text encoder layout: OpenAI CLIP (SD-1, ``cond_stage_model.transformer.text_model.*``) or
-   OpenCLIP (SD-2, ``cond_stage_model.model.*``)?
+2. Which text encoder layout: OpenAI CLIP (SD-1, ``cond_stage_model.transformer.text_model.*``, or
+   ``cond_stage_model.transformer.*`` without the ``text_model.`` level) or OpenCLIP (SD-2,
+   ``cond_stage_model.model.*``)?
 3. The architecture. Widths, depths, block kinds, the UNet's input channels (9 for inpainting)
    and its projection kind are all in the shapes; if they equal a family in ``configs.FAMILIES``,
    that family's configs are used as they are. A few constants are invisible in the weights --
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 
 from ..configs import FAMILIES, SD1, SD2, ModelFamily, TextEncoderConfig, UNetConfig, VAEConfig
 from .errors import CheckpointError, UnsupportedModelError
-from .keys_text import CLIP_PREFIX, OPEN_CLIP_PREFIX, TextLayout
+from .keys_text import CLIP_ROOT, OPEN_CLIP_PREFIX, TextLayout, clip_name
 from .keys_unet import LDM_PREFIX as UNET_PREFIX
 from .keys_vae import LDM_PREFIX as VAE_PREFIX
 
@@ -62,12 +63,12 @@ def check_supported(keys, source: str) -> TextLayout:
     if not any(k.startswith(VAE_PREFIX) for k in keys):
         raise UnsupportedModelError(
             f"{source} has a UNet but no VAE ({VAE_PREFIX}*): a full SD checkpoint is needed")
-    if any(k.startswith(CLIP_PREFIX) for k in keys):
+    if any(k.startswith(CLIP_ROOT) for k in keys):
         return "clip"
     if any(k.startswith(OPEN_CLIP_PREFIX) for k in keys):
         return "open_clip"
     raise UnsupportedModelError(
-        f"{source} has no text encoder in a known layout ({CLIP_PREFIX}* for SD-1, "
+        f"{source} has no text encoder in a known layout ({CLIP_ROOT}* for SD-1, "
         f"{OPEN_CLIP_PREFIX}* for SD-2)")
 
 
@@ -145,7 +146,7 @@ def _infer_vae(shapes: Shapes, source: str) -> dict:
 
 def _infer_text(shapes: Shapes, layout: TextLayout, source: str) -> dict:
     if layout == "clip":
-        s = {k.removeprefix(CLIP_PREFIX): v for k, v in shapes.items() if k.startswith(CLIP_PREFIX)}
+        s = {name: v for k, v in shapes.items() if (name := clip_name(k)) is not None}
         vocab, hidden = _shape(s, "embeddings.token_embedding.weight", source, 2)
         positions = _shape(s, "embeddings.position_embedding.weight", source, 2)[0]
         layers = len(_indices(s, r"encoder\.layers\.(\d+)\."))
@@ -179,6 +180,19 @@ def layout_of(family: ModelFamily) -> TextLayout:
     return "open_clip" if family.text_encoder.hidden_act == "gelu" else "clip"
 
 
+def _layout_fits(family: ModelFamily, layout: TextLayout) -> bool:
+    """Whether a file's text-encoder names can hold the family's text encoder.
+
+    OpenCLIP's names belong to SD-2's tower only. transformers' CLIPTextModel names (layout
+    "clip") hold either tower: diffusers' convert_diffusers_to_original_stable_diffusion.py
+    recognises SD-2 by a ``text_model.``-prefixed key, so it writes an SD-2 folder saved by
+    transformers 5 (no such prefix) in the SD-1 layout. Shapes that are exactly SD-2's then say
+    it is SD-2's tower, whose exact-GELU activation the weights cannot show. (``--family`` still
+    has to agree with the layout: only the exact shapes make this call.)
+    """
+    return layout == "clip" or layout_of(family) == layout
+
+
 def _matches(config, fields: dict) -> bool:
     return all(getattr(config, k) == v for k, v in fields.items())
 
@@ -202,7 +216,7 @@ def infer_architecture(shapes: Shapes, layout: TextLayout, source: str,
                             fam.text_encoder, fam)
     for fam in FAMILIES.values():
         if (_matches(fam.unet, unet) and _matches(fam.vae, vae) and _matches(fam.text_encoder, text)
-                and layout_of(fam) == layout):
+                and _layout_fits(fam, layout)):
             return Architecture(fam.name, dataclasses.replace(fam.unet, **channels), fam.vae,
                                 fam.text_encoder, fam)
     base = SD2 if layout == "open_clip" else SD1

@@ -17,12 +17,12 @@ import safetensors.torch
 import torch
 from transformers import CLIPTextConfig
 
-from ..components import (TEXT_WEIGHTS, UNET_WEIGHTS, VAE_WEIGHTS, check_model_folder,
-                          detect_family, model_index)
+from ..components import (TEXT_CONFIG_DTYPE, TEXT_WEIGHTS, UNET_WEIGHTS, VAE_WEIGHTS,
+                          check_model_folder, detect_family, model_index)
 from ..configs import FAMILIES
 from ..errors import ModelFolderError, UserInputError
 from ..fsutil import atomic_dir
-from ..tokenizer import PAD_TOKENS, SDTokenizer
+from ..tokenizer import SDTokenizer, read_tokenizer_folder
 from .detect import layout_of
 from .keys_text import TextLayout
 from .model_state import ModelState, cast_weights, meta_networks
@@ -47,13 +47,10 @@ def _json(path: Path) -> dict:
 
 
 def _tokenizer_pad(root: Path, family: str) -> str:
-    special = root / "tokenizer" / "special_tokens_map.json"
-    if special.is_file():
-        pad = _json(special).get("pad_token")
-        pad = pad.get("content") if isinstance(pad, dict) else pad
-        for mode, token in PAD_TOKENS.items():
-            if pad == token:
-                return mode
+    # The folder's tokenizer is checked to be CLIP's (either layout: vocab.json + merges.txt, or
+    # transformers 5's tokenizer.json) before it is replaced by the canonical one on writing.
+    if (root / "tokenizer").is_dir():
+        return read_tokenizer_folder(root / "tokenizer").pad
     return FAMILIES[family].tokenizer_pad if family in FAMILIES else "eos"
 
 
@@ -105,11 +102,8 @@ def write_folder(state: ModelState, dest: str | os.PathLike, *, dtype: torch.dty
                          for k, v in cast_weights(state.text_encoder, dtype).items()},
     }
     text_config = CLIPTextConfig.from_dict(state.text_config)
-    floats = {v.dtype for v in planned["text_encoder"].values() if v.is_floating_point()}
-    if len(floats) == 1 and (floats != {torch.float32} or text_config.dtype is not None):
-        # The config names the weights' dtype, as transformers' save_pretrained does; float32
-        # is the unstated default, so an unset field stays unset.
-        text_config.dtype = floats.pop()
+    # Not the weights' dtype: the dtype a default load gives (see components.TEXT_CONFIG_DTYPE).
+    text_config.dtype = TEXT_CONFIG_DTYPE
     index = model_index()
     if state.unet_config.get("in_channels") == 9:
         # 4 latent + 1 mask + 4 masked-image latent channels: diffusers' inpainting pipeline.

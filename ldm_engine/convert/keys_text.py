@@ -1,8 +1,13 @@
 """Text-encoder weight names: transformers' ``CLIPTextModel`` <-> the two SD single-file layouts.
 
 SD-1.x (layout "clip") stores OpenAI CLIP ViT-L/14 as a Hugging Face CLIPTextModel under
-``cond_stage_model.transformer.text_model.``, so the names below that prefix are transformers' own
-(recent transformers dropped the ``text_model.`` level inside CLIPTextModel; the file keeps it).
+``cond_stage_model.transformer.``, so the names below that prefix are transformers' own. Most files
+spell them with the ``text_model.`` level that CLIPTextModel had until transformers 5
+(``...transformer.text_model.encoder.layers.0...``), which is what we write; older community
+checkpoints, and files diffusers' ``convert_diffusers_to_original_stable_diffusion.py`` writes from a
+folder saved by transformers 5, leave it out (``...transformer.encoder.layers.0...``). Both read
+(AUTOMATIC1111 also accepts both, by renaming the second to the first); a file holding the same
+tensor in both spellings is refused.
 
 SD-2.x (layout "open_clip") stores OpenCLIP ViT-H/14's text tower under ``cond_stage_model.model.``
 with OpenCLIP's names, and ``nn.MultiheadAttention`` keeps q, k and v as one fused projection:
@@ -27,7 +32,8 @@ import torch
 from .prefix_map import PrefixMap
 
 TextLayout = Literal["clip", "open_clip"]
-CLIP_PREFIX = "cond_stage_model.transformer.text_model."
+CLIP_ROOT = "cond_stage_model.transformer."
+CLIP_PREFIX = CLIP_ROOT + "text_model."  # the spelling we write
 OPEN_CLIP_PREFIX = "cond_stage_model.model."
 TEXT_PREFIX = "cond_stage_model."
 
@@ -37,6 +43,13 @@ _CLIP_BUFFERS = ("embeddings.position_ids",)
 _OPEN_CLIP_UNUSED = ("text_projection", "logit_scale", "attn_mask")
 _QKV = ("q_proj", "k_proj", "v_proj")
 _RESBLOCK = re.compile(r"transformer\.resblocks\.(\d+)\.")
+
+
+def clip_name(key: str) -> str | None:
+    """The CLIPTextModel name of an SD-1 text-encoder key in either spelling, else None."""
+    if not key.startswith(CLIP_ROOT):
+        return None
+    return key.removeprefix(CLIP_ROOT).removeprefix("text_model.")
 
 
 def _open_clip_map(num_layers: int) -> PrefixMap:
@@ -75,7 +88,7 @@ def text_to_ldm(weights: Mapping[str, torch.Tensor], config: Mapping,
 def is_unused_text_key(key: str, layout: TextLayout, num_layers: int) -> bool:
     """A text-encoder tensor of a single file that a diffusers folder has no place for."""
     if layout == "clip":
-        return key.removeprefix(CLIP_PREFIX) in _CLIP_BUFFERS
+        return clip_name(key) in _CLIP_BUFFERS
     name = key.removeprefix(OPEN_CLIP_PREFIX)
     block = _RESBLOCK.match(name)
     return name in _OPEN_CLIP_UNUSED or bool(block and int(block.group(1)) >= num_layers)
@@ -89,13 +102,20 @@ def text_from_ldm(weights: Mapping[str, torch.Tensor], config: Mapping,
     unmapped: list[str] = []
     num_layers = config["num_hidden_layers"]
     if layout == "clip":
+        spelled: dict[str, str] = {}
         for key, value in weights.items():
-            if not key.startswith(CLIP_PREFIX):
+            name = clip_name(key)
+            if name is None:
                 unmapped.append(key)
+            elif name in spelled:
+                raise KeyError(f"text-encoder tensor {name} is there twice, as {spelled[name]} "
+                               f"and {key}")
             elif is_unused_text_key(key, layout, num_layers):
                 dropped.append(key)
             else:
-                out[key.removeprefix(CLIP_PREFIX)] = value
+                out[name] = value
+            if name is not None:
+                spelled[name] = key
     else:
         table = _open_clip_map(num_layers)
         for key, value in weights.items():

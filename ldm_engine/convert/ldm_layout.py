@@ -18,8 +18,11 @@ from collections.abc import Mapping
 import torch
 from transformers import CLIPTextConfig
 
+from schedulers import ScheduleConfig
+
+from ..config_check import check_model_configs, check_scheduler_config
 from ..errors import UserInputError
-from .detect import check_supported, infer_architecture
+from .detect import check_supported, infer_architecture, layout_of
 from .errors import CheckpointError
 from .keys_text import TEXT_PREFIX, text_from_ldm, text_to_ldm
 from .keys_unet import EMA_BOOKKEEPING, EMA_PREFIX, LDM_PREFIX as UNET_PREFIX
@@ -75,7 +78,15 @@ def decode_metadata(meta: Mapping[str, str], source: str) -> dict | None:
                 raise ValueError(f"{name}={meta[META + name]!r}")
             out[name] = meta[META + name]
         out["family"] = meta.get(META + "family", "custom")
-    except (KeyError, ValueError) as e:
+        # The digest only proves the metadata is what its writer meant, not that it is sane (it
+        # is no secret, so an edited file can carry a matching one): check every field the
+        # networks will be built from, as for a folder's config.json files.
+        check_model_configs(out["unet_config"], out["vae_config"], out["text_config"],
+                            where={"unet": "unet_config", "vae": "vae_config",
+                                   "text_encoder": "text_config"})
+        check_scheduler_config(out["scheduler_config"], "scheduler_config")
+        ScheduleConfig.from_dict(out["scheduler_config"])
+    except (KeyError, ValueError, RecursionError) as e:   # ConfigError is a ValueError
         raise CheckpointError(f"{source}: damaged ldm_engine metadata ({e})") from None
     return out
 
@@ -119,7 +130,7 @@ def state_from_ldm(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, s
     # --family is the user overruling whatever the file says about itself.
     meta = decode_metadata(metadata, source) if family is None else None
     if meta is not None:
-        layout = meta["text_layout"]
+        layout = write_layout = meta["text_layout"]
         unet_cfg, vae_cfg, text_cfg = meta["unet_config"], meta["vae_config"], meta["text_config"]
         fam_name, pad = meta["family"], meta["tokenizer_pad"]
         scheduler = dict(meta["scheduler_config"])
@@ -129,6 +140,9 @@ def state_from_ldm(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, s
         unet_cfg, vae_cfg = arch.unet.to_diffusers(), arch.vae.to_diffusers()
         text_cfg = CLIPTextConfig(**arch.text_encoder.to_transformers()).to_dict()
         fam_name, pad = arch.family, arch.base.tokenizer_pad
+        # Written back in the family's own layout: an SD-2 tower read from CLIPTextModel names
+        # (see detect._layout_fits) is written as OpenCLIP's, as every SD-2 file has it.
+        write_layout = layout_of(arch.base)
         scheduler = arch.base.schedule.to_dict("DDIMScheduler")
         if arch.family == "custom":
             notes.append(f"architecture matches no known family: SD-{1 if layout == 'clip' else 2} "
@@ -174,7 +188,7 @@ def state_from_ldm(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, s
                      f"{', '.join(short_list(other))}")
     return ModelState(unet=unet, vae=vae, text_encoder=text, unet_config=unet_cfg,
                       vae_config=vae_cfg, text_config=text_cfg, scheduler_config=scheduler,
-                      tokenizer_pad=pad, text_layout=layout, family=fam_name, notes=notes)
+                      tokenizer_pad=pad, text_layout=write_layout, family=fam_name, notes=notes)
 
 
 def short_list(keys: list[str], n: int = 3) -> list[str]:

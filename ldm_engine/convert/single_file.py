@@ -40,6 +40,7 @@ class SingleFile:
     # safetensors' __metadata__, or in a ckpt the "ldm_engine" dict our writer adds
     metadata: dict[str, str] = field(default_factory=dict)
     extras: dict = field(default_factory=dict)               # a ckpt's scalars: global_step, epoch
+    notes: list[str] = field(default_factory=list)           # e.g. tensors holding NaN or inf
 
 
 def file_kind(path: str | os.PathLike) -> FileKind:
@@ -67,29 +68,55 @@ def _open_kind(path: str | os.PathLike) -> tuple[Path, FileKind, dict | None]:
     return path, kind, check_safetensors(path) if kind == "safetensors" else None
 
 
-def read_single_file(path: str | os.PathLike, *, trust_pickle: bool = False) -> SingleFile:
+def read_single_file(path: str | os.PathLike, *, trust_pickle: bool = False,
+                     check_finite: bool = True) -> SingleFile:
+    """A single file's tensors; with check_finite, a note names any holding NaN or inf."""
     path, kind, header = _open_kind(path)
     if header is not None:
         try:
             tensors = safetensors.torch.load_file(path)
         except (safetensors.SafetensorError, OSError, RuntimeError, ValueError) as e:
             raise CheckpointError(f"cannot read {path}: {e}") from None
-        return SingleFile(path, kind, tensors, metadata=dict(header.get("__metadata__", {})))
-    obj = load_pickle(path, trust_pickle=trust_pickle)
-    tensors, extras = checkpoint_state_dict(obj, path)
-    return SingleFile(path, kind, tensors, metadata=extras.pop("ldm_engine", {}), extras=extras)
+        sf = SingleFile(path, kind, tensors, metadata=dict(header.get("__metadata__", {})))
+    else:
+        obj = load_pickle(path, trust_pickle=trust_pickle)
+        tensors, extras = checkpoint_state_dict(obj, path)
+        sf = SingleFile(path, kind, tensors, metadata=extras.pop("ldm_engine", {}), extras=extras)
+    if check_finite:
+        sf.notes.extend(nonfinite_notes(sf.tensors))
+    return sf
 
 
-def read_shapes(path: str | os.PathLike, *, trust_pickle: bool = False
+def nonfinite_notes(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """A note naming the floating-point tensors that hold NaN or inf, if any.
+
+    Weights of a working model are finite; non-finite ones mean a damaged file or a run that
+    diverged, and generating with them fails on non-finite latents or gives black images.
+    Converting such a file is still allowed (a converter does not edit weights), never silently.
+    """
+    bad = [key for key, t in tensors.items()
+           if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all())]
+    if not bad:
+        return []
+    return [f"{len(bad)} of {len(tensors)} tensors hold NaN or infinite values "
+            f"({', '.join(sorted(bad)[:3])}{', ...' if len(bad) > 3 else ''}): the file is "
+            "damaged or its training diverged; generating with it will fail or give black images"]
+
+
+def read_shapes(path: str | os.PathLike, *, trust_pickle: bool = False,
+                notes: list[str] | None = None
                 ) -> tuple[FileKind, dict[str, tuple[tuple[int, ...], str]], dict[str, str], dict]:
     """(kind, {key: (shape, dtype name)}, metadata, extras) with as little reading as possible:
-    a safetensors header only; a ckpt must be unpickled and checked whole."""
+    a safetensors header only; a ckpt must be unpickled and checked whole, so for a ckpt the
+    notes about its values (non-finite tensors) are appended to `notes`."""
     path, kind, header = _open_kind(path)
     if header is not None:
         entries = {k: (tuple(v["shape"]), v["dtype"])
                    for k, v in header.items() if k != "__metadata__"}
         return kind, entries, dict(header.get("__metadata__", {})), {}
-    sf = read_single_file(path, trust_pickle=trust_pickle)
+    sf = read_single_file(path, trust_pickle=trust_pickle, check_finite=notes is not None)
+    if notes is not None:
+        notes.extend(sf.notes)
     entries = {k: (tuple(v.shape), DTYPE_NAMES.get(v.dtype, str(v.dtype).removeprefix("torch.")))
                for k, v in sf.tensors.items()}
     return kind, entries, sf.metadata, sf.extras
@@ -138,7 +165,7 @@ def write_single_file(tensors: Mapping[str, torch.Tensor], dest: str | os.PathLi
             verify_tensors(tensors, safetensors_items(tmp), str(dest))
         else:
             save_ckpt(tensors, tmp, metadata)
-            written = read_single_file(tmp)
+            written = read_single_file(tmp, check_finite=False)
             verify_tensors(tensors, iter(written.tensors.items()), str(dest))
             if written.metadata != dict(metadata):
                 raise CheckpointError(
