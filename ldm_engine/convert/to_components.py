@@ -8,9 +8,10 @@ to the networks instead of to a writer.
 Memory: a safetensors file is memory-mapped (its pages are the kernel's file cache, not the
 process's own memory) and the networks are built on the meta device (no random initialisation to
 throw away). Each tensor is copied out of the map in its final dtype and layout as it is taken, so
-the process's own memory peaks at the model's size (measured for SD-1.5 from an fp16 file: 4.3 GiB
-anonymous memory for the 4.0 GiB fp32 model, as from a folder; the map is released afterwards). A
-``.ckpt`` is a pickle and is necessarily read whole first: its tensors plus the model at the peak.
+the process's own memory peaks at the model's size (SD-1.5 from its 2.1 GB fp16 file into fp32:
+4.3 GiB of anonymous memory for the 4.0 GiB model, 0.3 of it the process before loading; 4.4 GiB
+from the same model as a folder). The map's file pages are released when the last tensor is
+copied. A ``.ckpt`` is a pickle, necessarily read whole first: its tensors plus the model.
 """
 
 from __future__ import annotations
@@ -49,10 +50,10 @@ def _safe_unpickling_only(path: str | os.PathLike):
             "directly is never fully unpickled)") from None
 
 
-def _take(weights: dict[str, torch.Tensor], dtype: torch.dtype,
+def _take(weights: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype,
           channels_last: bool) -> dict[str, torch.Tensor]:
-    """Copies of the tensors, floating ones cast to dtype, emptying ``weights`` as it goes so each
-    source tensor can be freed as soon as its copy exists.
+    """Copies of the tensors on device, floating ones cast to dtype, emptying ``weights`` as it
+    goes so each source tensor can be freed as soon as its copy exists.
 
     Always a copy, even where the dtype already matches: safetensors hands back views of its
     memory map of the file (4 KiB file pages, which cost the SD-1.5 UNet a fifth of its fp32
@@ -64,7 +65,8 @@ def _take(weights: dict[str, torch.Tensor], dtype: torch.dtype,
         value = weights.pop(key)
         layout = (torch.channels_last if channels_last and value.dim() == 4
                   and value.is_floating_point() else torch.contiguous_format)
-        out[key] = value.to(dtype=dtype if value.is_floating_point() else value.dtype,
+        out[key] = value.to(device=device,
+                            dtype=dtype if value.is_floating_point() else value.dtype,
                             memory_format=layout, copy=True)
     return out
 
@@ -79,27 +81,32 @@ def _diffusers_network(cls, config: dict, weights: dict[str, torch.Tensor]):
     return model
 
 
-def components_from_state(state: ModelState, *, dtype: torch.dtype = torch.float32,
+def components_from_state(state: ModelState, *, device: str | torch.device = "cpu",
+                          dtype: torch.dtype = torch.float32,
                           channels_last: bool = False) -> Components:
-    """The networks, tokenizer and schedule of a (shape-checked) state, on the CPU in eval mode.
+    """The networks, tokenizer and schedule of a (shape-checked) state, in eval mode.
 
-    The state's weight dicts are emptied: their tensors now belong to the networks.
+    The UNet's and VAE's weights are copied straight to device (no model-sized copy on the CPU
+    first). The state's weight dicts are emptied: their tensors now belong to the networks.
     """
+    device = torch.device(device)
     try:
         schedule = ScheduleConfig.from_dict(state.scheduler_config)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"the model's scheduler config is unusable: {e}") from None
     unet = _diffusers_network(UNet2DConditionModel, state.unet_config,
-                              _take(state.unet, dtype, channels_last))
+                              _take(state.unet, device, dtype, channels_last))
     vae = _diffusers_network(AutoencoderKL, state.vae_config,
-                             _take(state.vae, dtype, channels_last))
-    # transformers' own loader: it also creates CLIP's non-persistent position_ids buffer.
+                             _take(state.vae, device, dtype, channels_last))
+    # transformers' own loader: it also creates CLIP's non-persistent position_ids buffer. Built
+    # on the CPU and then moved (SD-1.5's is 123M of its 1.07B parameters).
     transformers.utils.logging.disable_progress_bar()
     text_encoder = CLIPTextModel.from_pretrained(
         None, config=CLIPTextConfig.from_dict(state.text_config), dtype=dtype,
-        state_dict=_take(state.text_encoder, dtype, False))
+        state_dict=_take(state.text_encoder, torch.device("cpu"), dtype, False))
     tokenizer = SDTokenizer.from_bpe(pad=state.tokenizer_pad)
-    return Components(unet, vae, text_encoder, tokenizer, schedule).eval()
+    components = Components(unet, vae, text_encoder, tokenizer, schedule)
+    return components.to(device=device).eval()
 
 
 def load_single_file(path: str | os.PathLike, *, device: str | torch.device = "cpu",
@@ -115,8 +122,7 @@ def load_single_file(path: str | os.PathLike, *, device: str | torch.device = "c
         state = load_state(path, family=family, prediction=prediction)
     for note in state.notes:
         log.info("%s: %s", path, note)
-    components = components_from_state(state, dtype=dtype, channels_last=channels_last)
-    return components.to(device=device)
+    return components_from_state(state, device=device, dtype=dtype, channels_last=channels_last)
 
 
 def single_file_vae_factor(path: str | os.PathLike) -> int:
