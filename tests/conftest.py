@@ -1,4 +1,5 @@
 import os
+import signal
 
 import pytest
 import torch
@@ -20,6 +21,21 @@ def tiny_dir(tmp_path_factory, tiny_components):
     path = tmp_path_factory.mktemp("models") / "tiny"
     save_model(tiny_components, path)
     return path
+
+
+@pytest.fixture
+def deadline(request):
+    """A hang is a failure: SIGALRM interrupts a test that runs past its module's
+    DEADLINE_SECONDS (default 20). Use with `pytestmark = pytest.mark.usefixtures("deadline")`."""
+    seconds = getattr(request.module, "DEADLINE_SECONDS", 20)
+
+    def expire(signum, frame):
+        raise TimeoutError(f"no answer within {seconds} s")
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -6,7 +6,6 @@ partly written destination.
 
 import io
 import json
-import signal
 import struct
 import zipfile
 from pathlib import Path
@@ -20,19 +19,11 @@ from ldm_engine.convert import convert
 from ldm_engine.errors import ModelFolderError, UserInputError
 from ldm_engine.inspection import inspect_path
 
-SECONDS = 20
+DEADLINE_SECONDS = 20
 
 
-@pytest.fixture(autouse=True)
-def deadline():
-    """A hang is a failure: SIGALRM interrupts any case that runs past SECONDS."""
-    def expire(signum, frame):
-        raise TimeoutError(f"no answer within {SECONDS} s")
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(SECONDS)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)
+# A hang (e.g. a product of huge dimensions computed in full) is a failure: see conftest.
+pytestmark = pytest.mark.usefixtures("deadline")
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ the safetensors library itself then loads tensor by tensor.
 import copy
 import json
 import random
-import signal
 import struct
 import subprocess
 import sys
@@ -29,19 +28,11 @@ from ldm_engine.errors import ModelFolderError
 from ldm_engine.formats import check_safetensors, read_safetensors
 
 LDM = Path(sys.executable).with_name("ldm")
-SECONDS = 60
+DEADLINE_SECONDS = 60
 
 
-@pytest.fixture(autouse=True)
-def deadline():
-    """A hang (e.g. a product of huge dimensions computed in full) is a failure."""
-    def expire(signum, frame):
-        raise TimeoutError(f"no answer within {SECONDS} s")
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(SECONDS)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)
+# A hang (e.g. a product of huge dimensions computed in full) is a failure: see conftest.
+pytestmark = pytest.mark.usefixtures("deadline")
 
 
 class Raw:
