@@ -37,6 +37,7 @@ def _default_model() -> Path:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from pipelines import GenerationParams, InexactRemakeWarning, TextToImage, read_png_params
+    from pipelines.sampler_names import resolve_sampler
 
     from .components import model_shape_of, vae_factor_of
 
@@ -45,12 +46,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
             base = read_png_params(args.from_image)
         if args.prompt is not None:
             base = base.replace(prompt=args.prompt)
+        if args.sampler is None:        # a sampler the PNG names but this engine lacks: say so
+            base = base.replace(sampler=resolve_sampler(base.sampler))
     elif args.prompt is None:
         raise UserInputError("give a PROMPT (or --from-image PNG to re-make an image)")
+    if args.sampler is not None:        # registry or A1111 display name -> registry name
+        args.sampler = resolve_sampler(args.sampler)
     overrides = {k: v for k, v in (("negative_prompt", args.negative), ("steps", args.steps),
                                    ("guidance_scale", args.guidance), ("seed", args.seed),
                                    ("sampler", args.sampler), ("eta", args.eta),
-                                   ("height", args.height), ("width", args.width)) if v is not None}
+                                   ("height", args.height), ("width", args.width),
+                                   ("clip_skip", args.clip_skip)) if v is not None}
     model = Path(args.model) if args.model else _default_model()
     # Bad arguments are reported before the (possibly multi-GB) weights are read. A folder's
     # configs give the size limits now; a single file's are known once it is converted, and the
@@ -65,6 +71,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         native = shape.native_side if shape is not None else factor
         request = GenerationParams(prompt=args.prompt, **({"steps": 30, "height": native,
                                                            "width": native} | overrides))
+        if args.eta is None:            # the sampler's own eta (1 for euler_a and the SDEs)
+            from pipelines.txt2img import default_eta
+            request = request.replace(eta=default_eta(request.sampler))
     if args.num_images < 1:
         raise UserInputError(f"--num-images must be at least 1, got {args.num_images}")
     num_images = 1 if args.from_image else args.num_images
@@ -89,7 +98,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                       num_inference_steps=request.steps, guidance_scale=request.guidance_scale,
                       sampler=request.sampler, eta=request.eta, height=args.height,
                       width=args.width, num_images_per_prompt=args.num_images, seed=args.seed,
-                      progress=not args.quiet, allow_large=args.no_size_limit)
+                      progress=not args.quiet, allow_large=args.no_size_limit,
+                      clip_skip=request.clip_skip)
     for path in result.save(args.out):
         print(path)
     return 0
@@ -110,10 +120,25 @@ def _check_request_early(request: GenerationParams, model: Path, shape: ModelSha
                   sampler=request.sampler, eta=request.eta, height=request.height,
                   width=request.width, vae_factor=factor,
                   seed=request.seed if seeded else None, num_images=num_images,
-                  schedule=schedule, shape=shape, allow_large=allow_large)
+                  schedule=schedule, shape=shape, allow_large=allow_large,
+                  clip_skip=request.clip_skip, text_layers=_text_layers(model))
+    # The prompt syntax (a weight that is no number) before the weights are read.
+    from pipelines.prompts import parse_attention
+    parse_attention(request.prompt)
+    parse_attention(request.negative_prompt)
     check_storable(as_prompt_list(request.prompt))
     check_storable(as_prompt_list(request.negative_prompt, "negative prompt"), "negative prompt")
     check_writable(output_paths(out, num_images))
+
+
+def _text_layers(model: Path) -> int | None:
+    """A folder's text-encoder layer count (the largest --clip-skip), None when not known yet."""
+    import json
+    try:
+        config = json.loads((model / "text_encoder" / "config.json").read_text())
+        return int(config["num_hidden_layers"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None          # a single file, or a folder check_model_folder will report
 
 
 def check_writable(paths: list[Path]) -> None:
@@ -226,8 +251,16 @@ def _logs_to_stderr(command: str):
     """Logged warnings (ours, transformers', diffusers') as one `ldm CMD: warning:` line each."""
     # Every command imports these anyway; components first, as it makes sure no hub is
     # contacted (HF_HUB_OFFLINE) before huggingface_hub reads its settings.
+    import diffusers
+    import transformers
+
     from . import components  # noqa: F401
 
+    # Both libraries give their root logger its own handler (and stop propagation) lazily, on
+    # first use; doing it now means that first use cannot happen inside this block, replacing
+    # our redirection, nor be undone by the restore below.
+    transformers.utils.logging.get_verbosity()
+    diffusers.utils.logging.get_verbosity()
     handler = _OneLineLogHandler(command)
     root = logging.getLogger()
     saved = {}
@@ -253,8 +286,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model = Path(args.model) if args.model else _default_model()
     if args.steps < 1 or not args.seeds:
         raise UserInputError("--steps must be >= 1 and --seeds must name at least one seed")
-    settings = EvalSettings(seeds=tuple(args.seeds), steps=args.steps,
-                            guidances=(1.0, args.guidance))
+    from pipelines.params import check_steps
+    from pipelines.sampler_names import resolve_sampler
+    from schedulers import get_sampler, load_schedule_config, train_schedule
+
+    sampler = resolve_sampler(args.sampler)
+    schedule = load_schedule_config(model / "scheduler")
+    check_steps(args.steps, sampler, schedule)
+    chosen = get_sampler(sampler)
+    # What a quality-per-cost comparison needs: UNet evaluations, not steps (Heun calls twice).
+    calls = chosen.total_model_calls(chosen.make_plan(train_schedule(schedule), args.steps))
+    settings = EvalSettings(seeds=tuple(args.seeds), steps=args.steps, sampler=sampler,
+                            guidances=(args.guidance,) if args.guided_only else
+                            (1.0, args.guidance))
+    print(f"sampler {sampler}, {args.steps} steps, {calls} UNet evaluations per image "
+          "(a guided evaluation batches the conditional and unconditional halves: one)")
     print(format_results(run_eval(model, settings, grid=args.grid)))
     return 0
 
@@ -281,8 +327,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int, help="denoising steps (default 30)")
     g.add_argument("--guidance", type=float, help="classifier-free guidance scale (default 7.5)")
     g.add_argument("--seed", type=int, help="seed; image k of a run uses seed + k (default random)")
-    g.add_argument("--sampler", help="ddim or ddpm (default ddim)")
-    g.add_argument("--eta", type=float, help="DDIM eta: 0 deterministic, 1 DDPM-like (default 0)")
+    g.add_argument("--sampler", help="a registry name (euler_a, dpmpp_2m_karras, ...), its "
+                                     "AUTOMATIC1111 name (\"Euler a\", \"DPM++ 2M Karras\", any "
+                                     "case) or diffusers:<SchedulerClass> (default ddim; an "
+                                     "unknown name lists them all)")
+    g.add_argument("--eta", type=float, help="noise scale: DDIM's eta (0 deterministic, 1 "
+                                         "DDPM-like) or the ancestral/SDE samplers' (default: "
+                                         "1 for euler_a, dpm2_a, dpmpp_2s_a, dpmpp_sde, "
+                                         "dpmpp_2m_sde; else 0)")
+    g.add_argument("--clip-skip", type=int, metavar="N",
+                   help="condition on the N-th text-encoder layer from the end, AUTOMATIC1111's "
+                        "numbering: 1 = the last (default), 2 = the penultimate (diffusers' "
+                        "clip_skip=1); with --from-image the PNG's")
     for side in ("height", "width"):
         g.add_argument(f"--{side}", type=int,
                        help="pixels, a multiple of the model's VAE factor: 8 for SD, 4 for the "
@@ -353,7 +409,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="held-out shapes-world accuracy of a model (pixel oracle)")
     e.add_argument("--model", help="model folder (default: the bundled model)")
-    e.add_argument("--steps", type=int, default=25, help="DDIM steps (default 25)")
+    e.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
+    e.add_argument("--sampler", default="ddim",
+                   help="registry or AUTOMATIC1111 name, as for generate (default ddim)")
+    e.add_argument("--guided-only", action="store_true",
+                   help="skip the unguided pass (half the time; for sampler comparisons)")
     e.add_argument("--guidance", type=float, default=5.0,
                    help="guidance scale compared against no guidance (default 5)")
     e.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds per prompt")
