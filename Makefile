@@ -19,6 +19,9 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(VENV)/constraints.txt
 	@# CLIP's BPE vocabulary comes from openai-clip (ftfy, regex, tqdm: no torchvision).
 	$(PIP) install -q -c $(VENV)/constraints.txt -e ".[dev]"
+	@# Test reference only: k-diffusion's sampling.py/external.py need torch, scipy, torchsde and
+	@# torchdiffeq (in [dev]); its declared deps (torchvision, wandb, kornia, ...) are not wanted.
+	$(PIP) install -q --no-deps k-diffusion==0.1.1.post1
 	touch $@
 
 test: install

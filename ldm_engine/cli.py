@@ -86,8 +86,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     fallback = ({k: getattr(base, k) for k in given} if args.from_image else
                 {"dtype": "auto", "deep_cache": 1, "vae_tiling": False})
     pixel_settings = {k: fallback[k] if v is None else v for k, v in given.items()}
+    embeddings = _embeddings(args.embedding or [], model)   # read and checked before the model
     pipe = TextToImage.from_folder(model, device=args.device, compile=args.compile,
                                    attention=args.attention, **pixel_settings)
+    if embeddings:
+        pipe = pipe.with_embeddings(*embeddings)
     if args.from_image:
         # What the command line changed is wanted; only a different model is worth a warning.
         with _warnings_to_stderr("generate", InexactRemakeWarning):
@@ -131,14 +134,35 @@ def _check_request_early(request: GenerationParams, model: Path, shape: ModelSha
     check_writable(output_paths(out, num_images))
 
 
+def _embeddings(paths: list[str], model: Path) -> list:
+    """Textual-inversion embeddings from files and folders (every .pt/.bin/.safetensors in it),
+    checked against a folder's text-encoder width."""
+    from pipelines.embeddings import load_embedding
+
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += sorted(f for f in p.iterdir()
+                            if f.suffix.lower() in (".pt", ".bin", ".safetensors"))
+        else:
+            files.append(p)
+    dim = _text_config(model, "hidden_size")
+    return [load_embedding(f, dim=dim) for f in files]
+
+
 def _text_layers(model: Path) -> int | None:
     """A folder's text-encoder layer count (the largest --clip-skip), None when not known yet."""
+    return _text_config(model, "num_hidden_layers")
+
+
+def _text_config(model: Path, key: str) -> int | None:
+    """An integer of a folder's text-encoder config; None for a single file (known once it is
+    converted: the pipeline checks again) or a folder check_model_folder reports."""
     import json
     try:
-        config = json.loads((model / "text_encoder" / "config.json").read_text())
-        return int(config["num_hidden_layers"])
+        return int(json.loads((model / "text_encoder" / "config.json").read_text())[key])
     except (OSError, ValueError, KeyError, TypeError):
-        return None          # a single file, or a folder check_model_folder will report
+        return None
 
 
 def check_writable(paths: list[Path]) -> None:
@@ -335,6 +359,10 @@ def build_parser() -> argparse.ArgumentParser:
                                          "DDPM-like) or the ancestral/SDE samplers' (default: "
                                          "1 for euler_a, dpm2_a, dpmpp_2s_a, dpmpp_sde, "
                                          "dpmpp_2m_sde; else 0)")
+    g.add_argument("--embedding", action="append", metavar="FILE_OR_DIR",
+                   help="textual-inversion embedding (A1111 .pt/.safetensors, diffusers "
+                        "learned_embeds): the word named after the file stands for it in "
+                        "prompts; a folder gives all of its files; repeatable")
     g.add_argument("--clip-skip", type=int, metavar="N",
                    help="condition on the N-th text-encoder layer from the end, AUTOMATIC1111's "
                         "numbering: 1 = the last (default), 2 = the penultimate (diffusers' "

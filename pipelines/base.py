@@ -24,6 +24,8 @@ from ldm_engine.precision import DTYPES, resolve_device, resolve_dtype
 from .guidance import Guidance, UNetFn
 from .params import GenerationParams, check_seed
 from .pnginfo import save_png
+from .embeddings import Embedding, load_embedding
+from .prompts import encode_prompts
 from .speed import Accelerated, Attention, SpeedOptions
 
 log = logging.getLogger("ldm_engine.pipelines")
@@ -242,18 +244,47 @@ class Pipeline:
                                or None) if tiled else None,
                      allow_large=allow_large)
 
-    def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
-        """CLIP last hidden states (B, 77, D); each distinct text goes through the encoder once."""
-        unique = list(dict.fromkeys(texts))
-        ids = self.components.tokenizer(unique).to(self.device)          # (U, 77)
-        states = self.components.text_encoder(ids)[0]                    # (U, 77, D)
-        index = torch.tensor([unique.index(t) for t in texts], device=self.device)
-        return states.index_select(0, index)
+    def encode_text(self, texts: Sequence[str], clip_skip: int = 1) -> torch.Tensor:
+        """CLIP text states (B, 77 * k, D) of A1111-syntax prompts (pipelines.prompts): k
+        75-token windows, weights applied, the clip_skip-th layer from the end; every text padded
+        to the most windows of the call; each distinct text goes through the encoder once."""
+        c = self.components
+        return encode_prompts(c.tokenizer, c.text_encoder, texts, clip_skip=clip_skip,
+                              device=self.device, embeddings=getattr(self, "embeddings", ()))
 
-    def guidance(self, prompts: list[str], negatives: list[str], scale: float) -> Guidance:
+    def with_embeddings(self, *files: str | os.PathLike | Embedding,
+                        names: Sequence[str] | None = None):
+        """This pipeline (same networks, not copied) also reading textual-inversion embeddings:
+        a word named after each file (or `names`) stands for its vectors (pipelines.embeddings).
+
+        A new pipeline object: this one, and any generation running on it, is unchanged.
+        """
+        if names is not None and len(names) != len(files):
+            raise UserInputError(f"{len(names)} names for {len(files)} embeddings")
+        dim = self.components.text_encoder.config.hidden_size
+        loaded = [f if isinstance(f, Embedding) else
+                  load_embedding(f, name=None if names is None else names[i], dim=dim)
+                  for i, f in enumerate(files)]
+        known = {e.name.lower(): e for e in getattr(self, "embeddings", ())}
+        for e in loaded:
+            if e.vectors.shape[1] != dim:
+                raise UserInputError(f"embedding {e.name!r} is {e.vectors.shape[1]} wide, this "
+                                     f"text encoder is {dim}")
+            if not self.components.tokenizer.encode(e.name):
+                raise UserInputError(f"embedding name {e.name!r} has no CLIP tokens")
+            if e.name.lower() in known:
+                raise UserInputError(f"two embeddings are named {e.name!r}")
+            known[e.name.lower()] = e
+        new = copy.copy(self)
+        new.embeddings = tuple(known.values())
+        return new
+
+    def guidance(self, prompts: list[str], negatives: list[str], scale: float,
+                 clip_skip: int = 1) -> Guidance:
         if scale == 1.0:
-            return Guidance(scale, self.encode_text(prompts), None)
-        states = self.encode_text(prompts + negatives)
+            return Guidance(scale, self.encode_text(prompts, clip_skip), None)
+        # Encoded together, so cond and uncond have the same number of windows.
+        states = self.encode_text(prompts + negatives, clip_skip)
         n = len(prompts)
         return Guidance(scale, states[:n], states[n:])
 

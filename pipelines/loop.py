@@ -3,13 +3,16 @@
 Pipelines differ only in how they prepare the starting latents and, optionally, in a per-step hook
 (e.g. inpainting re-imposes the known region after each step). The loop itself:
 
-    for i, t in enumerate(plan.timesteps):
-        out      = model(x_t, t)                     # guided network output
-        x0, eps  = to_x0_eps(out, x_t, alpha_bar_t)  # one adapter for eps / v / x0 networks
-        x_{t-1}  = sampler.step(plan, i, x_t, x0, eps, noise)
+    denoiser = make_denoiser(guided_model, schedule, prediction_type)   # D(x, sigma) -> x0
+    carry = None                                                        # the sampler's history
+    for i in range(len(plan)):
+        noise    = pre-drawn sampler.noise_draws(plan, i, eta) tensors
+        x, carry = sampler.step(denoiser, plan, i, x, carry, noise, eta=eta)
+        x        = on_step(i, x)                                        # optional hook
 
 Randomness stays outside the sampler: each image has its own CPU ``torch.Generator``, from which
-its share of the variance noise is drawn exactly when the sampler says a step consumes noise.
+its share of the variance noise is drawn exactly as many times as the sampler says each step
+consumes (none for DDIM at eta 0 and the ODE samplers, two per step for DPM++ SDE).
 Per-image generators are what makes an image in a batch identical to the same image made alone.
 """
 
@@ -20,7 +23,7 @@ from collections.abc import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from schedulers import Sampler, SamplingPlan, to_x0_eps
+from schedulers import Denoiser, Plan, Sampler
 
 StepHook = Callable[[int, torch.Tensor], torch.Tensor]
 
@@ -38,29 +41,31 @@ def per_image_noise(shape: Sequence[int], generators: Sequence[torch.Generator],
     return torch.cat(rows).to(device=device, dtype=dtype)
 
 
-def denoise(model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor, *,
-            sampler: Sampler, plan: SamplingPlan, prediction_type: str, generators:
-            Sequence[torch.Generator], eta: float = 0.0, on_step: StepHook | None = None,
-            progress: bool = True) -> torch.Tensor:
-    """Run ``plan`` from x (the starting latents, at the plan's first timestep) down to x_0."""
-    n = len(plan.timesteps)
-    # Per-step scalars as python floats, read once: no device syncs inside the loop.
-    alpha_bar = plan.alpha_bar.tolist()
+def denoise(denoiser: Denoiser, x: torch.Tensor, *, sampler: Sampler, plan: Plan,
+            generators: Sequence[torch.Generator], eta: float = 0.0,
+            on_step: StepHook | None = None, progress: bool = True) -> torch.Tensor:
+    """Run ``plan`` from x (the starting latents, at the plan's first noise level: for pure noise
+    that is ``z * plan.init_noise_sigma``) down to x_0.
+
+    The sampler's history (``carry``) lives here, one per call, so concurrent calls share nothing.
+    """
+    n = len(plan)
     bar = tqdm(total=n, disable=not progress, desc=sampler.name, leave=False)
-    t_tensors = plan.timesteps.to(x.device)
-    # Every step's variance noise is drawn up front, in the same order as drawing at each step
-    # (step by step, image by image: a generator shared by several images gives the same values),
-    # and moved to the device in one copy rather than one per step.
+    # Every step's noise draws are made up front, in the same order as drawing at each step (step
+    # by step, draw by draw, image by image: a generator shared by several images gives the same
+    # values), and moved to the device in one copy rather than one per step.
     cpu = torch.device("cpu")
-    noisy = [i for i in range(n) if sampler.needs_noise(plan, i, eta)]
-    drawn = torch.stack([per_image_noise(x.shape, generators, device=cpu, dtype=torch.float32)
-                         for _ in noisy]).to(device=x.device, dtype=x.dtype) if noisy else None
-    noise_at = {i: k for k, i in enumerate(noisy)}
+    counts = [sampler.noise_draws(plan, i, eta) for i in range(n)]
+    total = sum(counts)
+    drawn = None
+    if total:
+        drawn = torch.stack([per_image_noise(x.shape, generators, device=cpu, dtype=torch.float32)
+                             for _ in range(total)]).to(device=x.device, dtype=x.dtype)
+    carry, used = None, 0
     for i in range(n):
-        out = model(x, t_tensors[i])
-        x0, eps = to_x0_eps(out, x, alpha_bar[i], prediction_type)
-        noise = drawn[noise_at[i]] if i in noise_at else None
-        x = sampler.step(plan, i, x, x0, eps, eta=eta, noise=noise)
+        noise = tuple(drawn[used + k] for k in range(counts[i]))
+        used += counts[i]
+        x, carry = sampler.step(denoiser, plan, i, x, carry, noise, eta=eta)
         if on_step is not None:
             x = on_step(i, x)
         bar.update(1)

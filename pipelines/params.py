@@ -14,7 +14,9 @@ from typing import Literal
 from ldm_engine.config_check import ModelShape
 from ldm_engine.errors import UserInputError
 from ldm_engine.limits import check_size
-from schedulers import SAMPLERS, ScheduleConfig, train_schedule
+from schedulers import SAMPLERS, ScheduleConfig, get_sampler, train_schedule
+
+from .prompts import check_clip_skip
 
 # The networks' precision as GenerationParams records it (ldm_engine.precision.DTYPES' names).
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -42,10 +44,13 @@ class GenerationParams:
     dtype: Precision = "fp32"
     deep_cache: int = 1
     vae_tiling: bool = False
+    # A1111's "Clip skip": condition on the N-th text-encoder layer from the end (1 = the last).
+    clip_skip: int = 1
 
     def validate(self, vae_factor: int = 8) -> None:
         check_request(steps=self.steps, guidance_scale=self.guidance_scale, sampler=self.sampler,
-                      eta=self.eta, height=self.height, width=self.width, vae_factor=vae_factor)
+                      eta=self.eta, height=self.height, width=self.width, vae_factor=vae_factor,
+                      clip_skip=self.clip_skip)
 
     def to_png_text(self) -> str:
         """The A1111 ``parameters`` text (see pipelines.pnginfo)."""
@@ -64,13 +69,15 @@ class GenerationParams:
 def check_request(*, steps: int, guidance_scale: float, sampler: str, eta: float, height: int,
                   width: int, vae_factor: int = 8, seed: int | None = None, num_images: int = 1,
                   schedule: ScheduleConfig | None = None, shape: ModelShape | None = None,
-                  allow_large: bool = False) -> None:
+                  allow_large: bool = False, clip_skip: int = 1,
+                  text_layers: int | None = None) -> None:
     """Every input error the pipeline can know about before touching a network.
 
     Python values of the wrong type (a string guidance, a bool for a count) are refused here too,
     not left to fail inside torch. With the model's `schedule`, steps are checked against its
     training timesteps; with its `shape`, the size limits of ldm_engine.limits (the memory check
-    needs the loaded pipeline: TextToImage does it). seed None means a random one.
+    needs the loaded pipeline: TextToImage does it). seed None means a random one. clip_skip
+    is checked against `text_layers`, the text encoder's layer count, when given.
     """
     _check_count("steps", steps)
     for name, side in (("height", height), ("width", width)):
@@ -85,10 +92,16 @@ def check_request(*, steps: int, guidance_scale: float, sampler: str, eta: float
         raise UserInputError(f"guidance scale must be a finite number, got {guidance_scale!r}")
     if not _is_real(eta) or not math.isfinite(eta) or eta < 0:
         raise UserInputError(f"eta must be a finite number >= 0, got {eta!r}")
-    if not isinstance(sampler, str) or sampler not in SAMPLERS:
+    try:
+        get_sampler(sampler)            # registry names, diffusers:<Class>, scheduler instances
+    except ValueError as e:
+        if isinstance(sampler, str) and sampler.startswith("diffusers:"):
+            raise UserInputError(str(e)) from None
         raise UserInputError(
-            f"unknown sampler {sampler!r}; valid samplers: {', '.join(sorted(SAMPLERS))}")
+            f"unknown sampler {sampler!r}; valid samplers: {', '.join(sorted(SAMPLERS))}, "
+            "diffusers:<SchedulerClass>") from None
     check_seed(seed, num_images)
+    check_clip_skip(clip_skip, text_layers)
     if schedule is not None:
         check_steps(steps, sampler, schedule)
     if shape is not None:
@@ -131,7 +144,7 @@ def check_steps(steps: int, sampler: str, schedule: ScheduleConfig) -> None:
     try:
         # Cheap (T numbers), and it catches the spacing's own edge cases: 'leading' spacing
         # with steps_offset 1 has no room for T steps (the first would be t = T).
-        SAMPLERS[sampler].make_plan(train_schedule(schedule), steps)
+        get_sampler(sampler).make_plan(train_schedule(schedule), steps)
     except ValueError as e:
         raise UserInputError(f"steps {steps} cannot be planned on this model's schedule: "
                              f"{e}") from None

@@ -8,9 +8,13 @@ The layout is A1111's "infotext", which image browsers, civitai and sd-parsers r
 Model: default, Eta DDIM: 0.3, Dtype: bf16, Deep cache: 3, VAE tiling: True, Version: ldm-engine 0.1.0
 
 (the settings line is one line). Fields are A1111's names, order and spelling: the sampler's
-display name (DDIM, DDPM; read back in any case), ``Eta DDIM`` only when it is not 0 (A1111's plain
-``Eta`` is the ancestral samplers' eta: pasting it would set another option), ``Model hash`` as
-ldm_engine.modelhash defines it, and ``Version``. Three fields are ours, for what changes pixels
+A1111 display name (``Euler a``, ``DPM++ 2M Karras``, read back in any case, and A1111 1.9's
+``Sampler: DPM++ 2M, Schedule type: Karras`` too: see pipelines.sampler_names), the eta as A1111
+names it: ``Eta DDIM`` for DDIM / DDPM / UniPC / LCM and the ODE samplers when it is not 0, ``Eta``
+("eta for ancestral samplers") for euler_a, dpm2_a, dpmpp_2s_a, dpmpp_sde and dpmpp_2m_sde when
+it is not 1 (each read only with its own kind of sampler, the other named in the warning below),
+``Model hash`` as
+ldm_engine.modelhash defines it, ``Clip skip`` only when it is not 1, and ``Version``. Three fields are ours, for what changes pixels
 beyond A1111's fields, written only when not the exact default: ``Dtype`` (fp32), ``Deep cache``
 (1) and ``VAE tiling`` (False).
 
@@ -32,7 +36,7 @@ Escaping, so that every prompt round-trips exactly:
 Reading is strict: the last line must be a settings line in exactly the grammar above, with
 Steps, Sampler, CFG scale, Seed and Size, no key twice, numbers in ASCII digits of bounded length
 and range; anything else is a one-line UserInputError. Fields this engine cannot honour (A1111's
-``Clip skip``, ``Denoising strength``, ``Lora hashes``, ...) are not dropped silently: they are
+``Denoising strength``, ``Lora hashes``, ...) are not dropped silently: they are
 named in an InexactRemakeWarning. Only text chunks before the image data are read (where PIL,
 A1111 and this engine write them), within PIL's text limits, and the pixels are never decoded.
 """
@@ -55,7 +59,10 @@ from PIL import Image, PngImagePlugin
 from ldm_engine.errors import UserInputError
 from ldm_engine.fsutil import atomic_path
 
+from schedulers import get_sampler
+
 from .params import GenerationParams
+from .sampler_names import a1111_fields, from_a1111, sampler_names
 
 
 class InexactRemakeWarning(UserWarning):
@@ -67,9 +74,9 @@ class InexactRemakeWarning(UserWarning):
     """
 
 
-# Registry name -> A1111 display name. Read back case-insensitively; other names pass through.
-SAMPLER_NAMES = {"ddim": "DDIM", "ddpm": "DDPM"}
-_SAMPLER_BY_NAME = {display.lower(): name for name, display in SAMPLER_NAMES.items()}
+# Registry name -> A1111 display name, for every registered sampler (pipelines.sampler_names:
+# both A1111 forms are read, "DPM++ 2M Karras" and "DPM++ 2M" + "Schedule type: Karras").
+SAMPLER_NAMES = sampler_names()
 DTYPE_NAMES = ("fp32", "bf16", "fp16")
 # What a PNG describes must be an image PIL would open again without a decompression-bomb
 # warning (89.5 M pixels, about 9459 x 9459). The model's own size limits are the pipeline's.
@@ -80,7 +87,8 @@ _NEGATIVE = "Negative prompt:"
 # Every A1111 settings line has these; the optional fields this engine honours (or, for Model
 # and Version, that never change pixels) follow. Any other field is named in a warning.
 REQUIRED = ("Steps", "Sampler", "CFG scale", "Seed", "Size")
-OPTIONAL = ("Model hash", "Model", "Eta DDIM", "Dtype", "Deep cache", "VAE tiling", "Version")
+OPTIONAL = ("Schedule type", "Model hash", "Model", "Eta DDIM", "Eta", "Clip skip", "Dtype",
+            "Deep cache", "VAE tiling", "Version")
 
 
 @functools.cache
@@ -137,7 +145,10 @@ def format_parameters(params: GenerationParams) -> str:
 
 def _settings(p: GenerationParams) -> Iterator[tuple[str, str]]:
     yield "Steps", str(p.steps)
-    yield "Sampler", _quote(SAMPLER_NAMES.get(p.sampler, p.sampler))
+    sampler, schedule_type = a1111_fields(p.sampler)
+    yield "Sampler", _quote(sampler)
+    if schedule_type is not None:
+        yield "Schedule type", schedule_type
     yield "CFG scale", _num(p.guidance_scale)
     yield "Seed", str(p.seed)
     yield "Size", f"{p.width}x{p.height}"
@@ -145,8 +156,13 @@ def _settings(p: GenerationParams) -> Iterator[tuple[str, str]]:
         yield "Model hash", _quote(p.model_hash)
     if p.model:
         yield "Model", _quote(p.model)
-    if p.eta:
+    if _ancestral(p.sampler):       # A1111's "Eta": the ancestral / SDE samplers', default 1
+        if p.eta != 1:
+            yield "Eta", _num(p.eta)
+    elif p.eta:
         yield "Eta DDIM", _num(p.eta)
+    if p.clip_skip != 1:
+        yield "Clip skip", str(p.clip_skip)
     if p.dtype != "fp32":
         yield "Dtype", _quote(p.dtype)
     if p.deep_cache != 1:
@@ -204,23 +220,51 @@ def parse_parameters(text: str) -> GenerationParams:
     *body, last = text.split("\n")
     settings = _parse_settings(last)
     prompt, negative = _split_prompts(body)
-    unknown = [k for k in settings if k not in REQUIRED and k not in OPTIONAL]
+    sampler = _sampler(settings)
+    # A1111 writes "Eta DDIM" for DDIM and "Eta" for the ancestral samplers; each is honoured
+    # only with its own kind of sampler.
+    ancestral = _ancestral(sampler)
+    eta_key = "Eta" if ancestral else "Eta DDIM"
+    ignored = {"Eta", "Eta DDIM"} - {eta_key}
+    unknown = [k for k in settings
+               if k not in REQUIRED and (k not in OPTIONAL or k in ignored)]
     if unknown:
         warnings.warn(InexactRemakeWarning(
             "the PNG's parameters name settings this engine does not have, ignored (the image "
             f"will differ): {', '.join(unknown)}"), stacklevel=2)
     width, height = _size(settings["Size"])
-    sampler = settings["Sampler"]
     return GenerationParams(
         prompt=prompt, negative_prompt=negative, steps=_count(settings, "Steps", low=1),
         guidance_scale=_float(settings, "CFG scale"),
-        sampler=_SAMPLER_BY_NAME.get(sampler.lower(), sampler),
-        eta=_float(settings, "Eta DDIM", default=0.0, low=0.0),
+        sampler=sampler,
+        eta=_float(settings, eta_key, default=1.0 if ancestral else 0.0, low=0.0),
+        clip_skip=_count(settings, "Clip skip", default=1, low=1, high=1000),
         height=height, width=width, seed=_count(settings, "Seed", high=MAX_SEED),
         model=settings.get("Model", ""), model_hash=_model_hash(settings),
         dtype=_choice(settings, "Dtype", DTYPE_NAMES, "fp32"),
         deep_cache=_count(settings, "Deep cache", default=1, low=1),
         vae_tiling=_choice(settings, "VAE tiling", ("True", "False"), "False") == "True")
+
+
+def _ancestral(sampler: str) -> bool:
+    """Whether A1111's "Eta" (eta for ancestral samplers, default 1) is this sampler's eta."""
+    try:
+        return get_sampler(sampler).default_eta == 1.0
+    except ValueError:
+        return False
+
+
+def _sampler(settings: dict[str, str]) -> str:
+    """The registry name; a sampler this engine lacks stays as written (``DPM fast``, with its
+    schedule type: ``DPM++ 2M SGM Uniform``), refused by the pipeline's check, listing the
+    valid names, unless the request overrides it."""
+    name, schedule_type = settings["Sampler"], settings.get("Schedule type")
+    try:
+        return from_a1111(name, schedule_type)
+    except UserInputError:
+        if schedule_type is None or schedule_type.lower() in ("automatic", "uniform"):
+            return name
+        return f"{name} {schedule_type}"
 
 
 def _parse_settings(line: str) -> dict[str, str]:

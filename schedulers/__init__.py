@@ -1,26 +1,42 @@
-"""Noise schedules and stateless samplers.
+"""Noise schedules and stateless samplers on one contract (schedulers/contract.py).
 
-A generation is `plan = sampler.make_plan(schedule, num_steps)`, then for i in range(len(plan)):
+A generation (pipelines/loop.py runs it):
 
-    out = model(x, plan.timesteps[i])
-    x0, eps = to_x0_eps(out, x, plan.alpha_bar[i], plan.prediction_type)
-    noise = draw(...) if sampler.needs_noise(plan, i, eta) else None
-    x = sampler.step(plan, i, x, x0, eps, eta=eta, noise=noise)
+    sampler  = get_sampler("dpmpp_2m_karras")        # (stepper, spacing)
+    plan     = sampler.make_plan(schedule, num_steps)
+    denoiser = make_denoiser(guided_model, schedule, prediction_type)
+    x, carry = noise * plan.init_noise_sigma, None
+    for i in range(len(plan)):
+        z = tuple(draw() for _ in range(sampler.noise_draws(plan, i, eta)))
+        x, carry = sampler.step(denoiser, plan, i, x, carry, z, eta=eta)
 
-Plans are immutable and steps are pure, so one sampler serves any number of concurrent generations.
+Plans are immutable, steps are pure and the history is the caller's `carry`, so one sampler serves
+any number of concurrent generations.
 """
 
 from __future__ import annotations
 
 import ldm_engine  # noqa: F401  (first: sets torch's allocator options before torch loads)
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import functools
 
-import torch
-
+from .contract import (
+    Carry,
+    Denoiser,
+    ModelFn,
+    Noise,
+    Plan,
+    Sampler,
+    SigmaPlan,
+    Stepper,
+    make_denoiser,
+    sigma_table,
+    sigma_to_t,
+)
 from .ddim import DDIMPlan, ddim_needs_noise, ddim_plan, ddim_step
 from .ddpm import DDPMPlan, ddpm_needs_noise, ddpm_plan, ddpm_step
+from .diffusers_adapter import PREFIX as DIFFUSERS_PREFIX
+from .diffusers_adapter import diffusers_sampler
 from .schedule import (
     BetaSchedule,
     Prediction,
@@ -35,32 +51,81 @@ from .schedule import (
     train_schedule,
     velocity,
 )
+from .lcm import LCM
+from .spacing import SIGMA_SPACINGS, sigma_plan
+from .steppers import (
+    DPM2,
+    DPMPP2M,
+    DPMPP2MSDE,
+    DPMPPSDE,
+    LMS,
+    DDIMStepper,
+    DDPMStepper,
+    DPM2Ancestral,
+    DPMPP2SAncestral,
+    Euler,
+    EulerAncestral,
+    Heun,
+)
+from .unipc import UniPC
 
 
-@dataclass(frozen=True)
-class Sampler:
-    name: str
-    make_plan: Callable[[TrainSchedule, int], SamplingPlan]
-    step: Callable[..., torch.Tensor]  # step(plan, i, x, x0, eps, *, eta, noise) -> x_prev
-    needs_noise: Callable[[SamplingPlan, int, float], bool]
+# UniPC and LCM (helper S2's modules) also step at integer training timesteps, on plans of their own.
+_VP_STEPPERS = (DDIMStepper(), DDPMStepper(), UniPC(), LCM())
+_SIGMA_STEPPERS = (Euler(), EulerAncestral(), Heun(), DPM2(), DPM2Ancestral(), LMS(), DPMPP2M(),
+                   DPMPP2MSDE(), DPMPPSDE(), DPMPP2SAncestral())
 
 
-SAMPLERS: dict[str, Sampler] = {
-    "ddim": Sampler(name="ddim", make_plan=ddim_plan, step=ddim_step, needs_noise=ddim_needs_noise),
-    "ddpm": Sampler(name="ddpm", make_plan=ddpm_plan, step=ddpm_step, needs_noise=ddpm_needs_noise),
-}
+def _registry() -> dict[str, Sampler]:
+    """Every name: "ddim", "ddpm", and each sigma stepper alone (the model's timestep spacing)
+    and with each sigma spacing: "euler", "euler_karras", "euler_exponential", ... (ComfyUI's
+    sampler x scheduler grid, A1111's "DPM++ 2M Karras")."""
+    out = {s.name: Sampler(name=s.name, stepper=s, spacing=None) for s in _VP_STEPPERS}
+    for s in _SIGMA_STEPPERS:
+        out[s.name] = Sampler(name=s.name, stepper=s, spacing=None)
+        for spacing in SIGMA_SPACINGS:
+            name = f"{s.name}_{spacing}"
+            out[name] = Sampler(name=name, stepper=s, spacing=spacing)
+    return out
+
+
+SAMPLERS: dict[str, Sampler] = _registry()
+# Built on first use, then shared (a Sampler is frozen; its plans hold private scheduler copies).
+_diffusers_by_name = functools.lru_cache(maxsize=64)(diffusers_sampler)
 
 
 def get_sampler(name: str) -> Sampler:
+    """The sampler of a name; ValueError listing the valid names for an unknown one.
+
+    ``"diffusers:<SchedulerClass>"`` or a diffusers scheduler instance is wrapped by
+    schedulers.diffusers_adapter (each generation steps its own copy); a Sampler is itself."""
+    if isinstance(name, Sampler):
+        return name
+    if isinstance(name, str) and name.startswith(DIFFUSERS_PREFIX):
+        return _diffusers_by_name(name)
+    if hasattr(name, "set_timesteps") and hasattr(name, "step"):
+        return diffusers_sampler(name)
     try:
         return SAMPLERS[name]
-    except KeyError:
+    except (KeyError, TypeError):
         valid = ", ".join(SAMPLERS)
         raise ValueError(f"unknown sampler {name!r}; valid samplers: {valid}") from None
 
 
 __all__ = [
     "SAMPLERS",
+    "SIGMA_SPACINGS",
+    "Carry",
+    "Denoiser",
+    "ModelFn",
+    "Noise",
+    "Plan",
+    "SigmaPlan",
+    "Stepper",
+    "make_denoiser",
+    "sigma_plan",
+    "sigma_table",
+    "sigma_to_t",
     "BetaSchedule",
     "DDIMPlan",
     "DDPMPlan",

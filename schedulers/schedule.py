@@ -293,6 +293,11 @@ class SamplingPlan:
     prediction_type: Prediction  # what the model predicts; pass it to to_x0_eps
     clip_range: float | None  # clamp x0 to [-clip_range, clip_range] inside the step; None: no clip
 
+    @property
+    def init_noise_sigma(self) -> float:
+        """The scale of the starting noise x_T = 1 * z: a VP plan starts at unit variance."""
+        return 1.0
+
     def __len__(self) -> int:
         return self.timesteps.shape[0]
 

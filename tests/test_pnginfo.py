@@ -119,7 +119,7 @@ A1111_TEXT = (
     "Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Denoising strength: 0.7, Clip skip: 2, "
     'Hires upscale: 2, Hires upscaler: Latent, Lora hashes: "add_detail: 7c6bad76eb54", '
     "Eta: 0.67, Version: v1.10.1")
-NOT_HONOURED = ["Schedule type", "Denoising strength", "Clip skip", "Hires upscale",
+NOT_HONOURED = ["Denoising strength", "Hires upscale",
                 "Hires upscaler", "Lora hashes", "Eta"]
 
 
@@ -132,8 +132,8 @@ def test_a1111_fields_we_cannot_honour_are_named_in_a_warning():
                                              "lowres, bad anatomy")
     assert (p.steps, p.sampler, p.guidance_scale, p.seed, p.width, p.height) == \
         (2, "ddim", 7.0, 1234, 64, 64)
-    assert (p.model, p.model_hash, p.eta, p.dtype, p.deep_cache) == \
-        ("v1-5-pruned-emaonly", "6ce0161689", 0.0, "fp32", 1)
+    assert (p.model, p.model_hash, p.eta, p.dtype, p.deep_cache, p.clip_skip) == \
+        ("v1-5-pruned-emaonly", "6ce0161689", 0.0, "fp32", 1, 2)
 
 
 def test_old_eight_digit_model_hash_and_civitai_hashes_are_read():
@@ -385,15 +385,17 @@ def test_cli_names_a1111_fields_it_cannot_honour_one_line_each(tiny_dir, tmp_pat
     assert lines[0].endswith(", ".join(NOT_HONOURED))
     assert "model hash" in lines[1] and "6ce0161689" in lines[1]
     assert read_png_params(out).seed == 1234
+    assert read_png_params(out).clip_skip == 2         # A1111's Clip skip is honoured
 
 
 def test_cli_other_samplers_are_refused_unless_overridden(tiny_dir, tmp_path, capsys):
     src, out = tmp_path / "euler.png", tmp_path / "out.png"
-    src.write_bytes(_png(8, 8, _text(GOOD.replace("DDIM", "Euler a"))))
+    src.write_bytes(_png(8, 8, _text(GOOD.replace("DDIM", "DPM fast"))))
     argv = ["generate", "--from-image", str(src), "--model", str(tiny_dir), "--out", str(out),
             "--quiet"]
     assert main(argv) == 2
-    assert "unknown sampler 'Euler a'" in capsys.readouterr().err and not out.exists()
+    err = capsys.readouterr().err
+    assert "unknown sampler 'DPM fast'; valid samplers: ddim (DDIM), " in err and not out.exists()
     assert main(argv + ["--sampler", "ddim"]) == 0
     assert read_png_params(out).sampler == "ddim"
 

@@ -107,7 +107,7 @@ def test_default_size_is_the_models_native_size(pipe):
     (dict(num_inference_steps=-3), "steps"),
     (dict(guidance_scale=math.nan), "guidance"),
     (dict(guidance_scale=math.inf), "guidance"),
-    (dict(sampler="euler_a"), "valid samplers: ddim, ddpm"),
+    (dict(sampler="euler_b"), "valid samplers: ddim, ddpm"),
     (dict(eta=-1.0), "eta"),
     (dict(num_images_per_prompt=0), "num_images_per_prompt"),
     (dict(seed=-1), "seed"),
