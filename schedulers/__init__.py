@@ -59,8 +59,8 @@ from .steppers import (
     DPMPP2MSDE,
     DPMPPSDE,
     LMS,
-    DDIMStepper,
-    DDPMStepper,
+    DDIM,
+    DDPM,
     DPM2Ancestral,
     DPMPP2SAncestral,
     Euler,
@@ -70,8 +70,8 @@ from .steppers import (
 from .unipc import UniPC
 
 
-# UniPC and LCM (helper S2's modules) also step at integer training timesteps, on plans of their own.
-_VP_STEPPERS = (DDIMStepper(), DDPMStepper(), UniPC(), LCM())
+# UniPC and LCM also step at integer training timesteps, on plans of their own.
+_VP_STEPPERS = (DDIM, DDPM, UniPC(), LCM())
 _SIGMA_STEPPERS = (Euler(), EulerAncestral(), Heun(), DPM2(), DPM2Ancestral(), LMS(), DPMPP2M(),
                    DPMPP2MSDE(), DPMPPSDE(), DPMPP2SAncestral())
 

@@ -19,6 +19,7 @@ The arithmetic runs in x's dtype on its device; per-step scalars are python floa
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,19 +36,26 @@ from .spacing import sigma_plan
 
 
 @dataclass(frozen=True)
-class DDIMStepper:
-    """DDIM (Song et al. 2021, eq. 12); eta > 0 adds eq. 16's variance. See ddim.py."""
+class VPStepper:
+    """A one-call sampler in VP space that steps from (x0, eps) at integer training timesteps.
 
-    name: str = "ddim"
+    DDIM (Song et al. 2021, eq. 12; eta > 0 adds eq. 16's variance, ddim.py) and ancestral DDPM
+    (Ho et al. 2020, eqs. 6-7, ddpm.py) differ only in their plan, step and noise rule.
+    """
+
+    name: str
+    plan_fn: Callable[[TrainSchedule, int], SamplingPlan]
+    needs_noise_fn: Callable[[SamplingPlan, int, float], bool]
+    step_fn: Callable[..., torch.Tensor]      # (plan, i, x, x0, eps, *, eta, noise) -> x_prev
     space: str = "vp"
     default_eta: float = 0.0
 
     def make_plan(self, schedule: TrainSchedule, num_steps: int, spacing: str | None):
         _vp_spacing(self.name, spacing)
-        return ddim_plan(schedule, num_steps)
+        return self.plan_fn(schedule, num_steps)
 
     def noise_draws(self, plan: SamplingPlan, i: int, eta: float) -> int:
-        return int(ddim_needs_noise(plan, i, eta))
+        return int(self.needs_noise_fn(plan, i, eta))
 
     def model_calls(self, plan: SamplingPlan, i: int) -> int:
         plan.check_index(i)
@@ -58,34 +66,11 @@ class DDIMStepper:
         i = plan.check_index(i)
         x0, eps = denoiser.vp(x, int(plan.timesteps[i]), float(plan.alpha_bar[i]))
         z = noise[0] if noise else None
-        return ddim_step(plan, i, x, x0, eps, eta=eta, noise=z), None
+        return self.step_fn(plan, i, x, x0, eps, eta=eta, noise=z), None
 
 
-@dataclass(frozen=True)
-class DDPMStepper:
-    """Ancestral DDPM (Ho et al. 2020, eqs. 6-7), one posterior draw per step. See ddpm.py."""
-
-    name: str = "ddpm"
-    space: str = "vp"
-    default_eta: float = 0.0
-
-    def make_plan(self, schedule: TrainSchedule, num_steps: int, spacing: str | None):
-        _vp_spacing(self.name, spacing)
-        return ddpm_plan(schedule, num_steps)
-
-    def noise_draws(self, plan: SamplingPlan, i: int, eta: float) -> int:
-        return int(ddpm_needs_noise(plan, i, eta))
-
-    def model_calls(self, plan: SamplingPlan, i: int) -> int:
-        plan.check_index(i)
-        return 1
-
-    def step(self, denoiser: Denoiser, plan: SamplingPlan, i: int, x: torch.Tensor,
-             carry: Carry, noise: Noise, *, eta: float) -> tuple[torch.Tensor, Carry]:
-        i = plan.check_index(i)
-        x0, eps = denoiser.vp(x, int(plan.timesteps[i]), float(plan.alpha_bar[i]))
-        z = noise[0] if noise else None
-        return ddpm_step(plan, i, x, x0, eps, eta=eta, noise=z), None
+DDIM = VPStepper("ddim", ddim_plan, ddim_needs_noise, ddim_step)
+DDPM = VPStepper("ddpm", ddpm_plan, ddpm_needs_noise, ddpm_step)
 
 
 def _vp_spacing(name: str, spacing: str | None) -> None:
