@@ -40,14 +40,13 @@ diffusers' `_sigma_to_t`), a float32 0-d tensor.
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from .schedule import Prediction, SamplingPlan, TrainSchedule, to_x0_eps
+from .schedule import Prediction, SamplingPlan, StepIndexed, TrainSchedule, to_x0_eps
 
 # The guided network in its own parameterisation: (x_in (B,C,h,w), t 0-d tensor) -> output.
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -133,7 +132,7 @@ def make_denoiser(model: ModelFn, schedule: TrainSchedule, prediction_type: Pred
 
 
 @dataclass(frozen=True, eq=False)
-class SigmaPlan:
+class SigmaPlan(StepIndexed):
     """The noise levels of one generation for the VE (k-diffusion) samplers.
 
     Step i moves x from sigmas[i] to sigmas[i + 1]; sigmas[-1] = 0. timesteps[i] is the model
@@ -158,12 +157,6 @@ class SigmaPlan:
 
     def __len__(self) -> int:
         return self.sigmas.shape[0] - 1
-
-    def check_index(self, i: int) -> int:
-        i = operator.index(i)
-        if not 0 <= i < len(self):
-            raise IndexError(f"step index {i} is out of range for a plan of {len(self)} steps")
-        return i
 
 
 Plan = SamplingPlan | SigmaPlan

@@ -34,7 +34,6 @@ import copy
 import dataclasses
 import hashlib
 import inspect
-import operator
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -42,7 +41,7 @@ from typing import Any
 import torch
 
 from .contract import Carry, Denoiser, Noise, Sampler, check_noise
-from .schedule import Prediction, TrainSchedule, check_num_steps
+from .schedule import StepIndexed, Prediction, TrainSchedule, check_num_steps
 
 PREFIX = "diffusers:"
 _CLASS_NAME = re.compile(r"[A-Z][A-Za-z0-9]*Scheduler")
@@ -62,7 +61,7 @@ def scheduler_class(name: str) -> type:
 
 
 @dataclass(frozen=True, eq=False)
-class DiffusersPlan:
+class DiffusersPlan(StepIndexed):
     """A scheduler after set_timesteps (read-only: steps copy it) and what the loop reads."""
 
     template: Any
@@ -70,15 +69,6 @@ class DiffusersPlan:
     init_noise_sigma: float
     prediction_type: Prediction
     draws_noise: bool             # step() takes a generator
-
-    def __len__(self) -> int:
-        return self.timesteps.shape[0]
-
-    def check_index(self, i: int) -> int:
-        i = operator.index(i)
-        if not 0 <= i < len(self):
-            raise IndexError(f"step index {i} is out of range for a plan of {len(self)} steps")
-        return i
 
 
 @dataclass(frozen=True, eq=False)

@@ -23,14 +23,13 @@ So N is at most 50. Per-step scalars are computed with diffusers' float32 tensor
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from .contract import Carry, Denoiser, Noise, check_eta, check_noise
-from .schedule import Prediction, TrainSchedule, check_num_steps
+from .schedule import StepIndexed, Prediction, TrainSchedule, check_num_steps
 
 ORIGINAL_INFERENCE_STEPS = 50  # the distillation grid of the released LCM checkpoints
 TIMESTEP_SCALING = 10.0        # LCMScheduler's default: sharpens c_skip / c_out around t = 0
@@ -38,7 +37,7 @@ SIGMA_DATA = 0.5
 
 
 @dataclass(frozen=True, eq=False)
-class LCMPlan:
+class LCMPlan(StepIndexed):
     """Timesteps and per-step 0-d float32 scalars of one LCM generation (read-only)."""
 
     timesteps: torch.Tensor                  # (N,) int64, strictly decreasing
@@ -55,15 +54,6 @@ class LCMPlan:
     @property
     def init_noise_sigma(self) -> float:
         return 1.0
-
-    def __len__(self) -> int:
-        return self.timesteps.shape[0]
-
-    def check_index(self, i: int) -> int:
-        i = operator.index(i)
-        if not 0 <= i < len(self):
-            raise IndexError(f"step index {i} is out of range for a plan of {len(self)} steps")
-        return i
 
 
 def lcm_timesteps(schedule: TrainSchedule, n: int) -> np.ndarray:

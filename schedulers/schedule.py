@@ -276,8 +276,22 @@ def to_x0_eps(
     return x0, eps
 
 
+class StepIndexed:
+    """What every plan shares: one step per entry of `timesteps`, and the index check."""
+
+    def __len__(self) -> int:
+        return self.timesteps.shape[0]
+
+    def check_index(self, i: int) -> int:
+        """Validate a step index (0 <= i < len(plan)) and return it as an int."""
+        i = operator.index(i)
+        if not 0 <= i < len(self):
+            raise IndexError(f"step index {i} is out of range for a plan of {len(self)} steps")
+        return i
+
+
 @dataclass(frozen=True, eq=False)
-class SamplingPlan:
+class SamplingPlan(StepIndexed):
     """What a sampler needs for one generation of `len(plan)` steps: computed once, on the CPU.
 
     Step i calls the model at `timesteps[i]` (noise level `alpha_bar[i]`) and moves the sample to
@@ -298,15 +312,6 @@ class SamplingPlan:
         """The scale of the starting noise x_T = 1 * z: a VP plan starts at unit variance."""
         return 1.0
 
-    def __len__(self) -> int:
-        return self.timesteps.shape[0]
-
-    def check_index(self, i: int) -> int:
-        """Validate a step index (0 <= i < len(plan)) and return it as an int."""
-        i = operator.index(i)
-        if not 0 <= i < len(self):
-            raise IndexError(f"step index {i} is out of range for a plan of {len(self)} steps")
-        return i
 
 
 def check_num_steps(schedule: TrainSchedule, num_steps: int) -> int:

@@ -28,20 +28,19 @@ step bit for bit on the CPU (tests/test_unipc_lcm.py). UniPC has no clip_sample 
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from .contract import Carry, Denoiser, Noise, check_eta, check_noise, sigma_table
-from .schedule import Prediction, TrainSchedule, check_num_steps
+from .schedule import StepIndexed, Prediction, TrainSchedule, check_num_steps
 
 ORDER = 2  # diffusers' default solver_order (the paper's recommendation for guided sampling)
 
 
 @dataclass(frozen=True, eq=False)
-class UniPCPlan:
+class UniPCPlan(StepIndexed):
     """Timesteps, noise levels and every per-step scalar of one UniPC generation (read-only)."""
 
     timesteps: torch.Tensor   # (N,) int64, strictly decreasing
@@ -60,16 +59,6 @@ class UniPCPlan:
     @property
     def init_noise_sigma(self) -> float:
         return 1.0
-
-    def __len__(self) -> int:
-        return self.timesteps.shape[0]
-
-    def check_index(self, i: int) -> int:
-        i = operator.index(i)
-        if not 0 <= i < len(self):
-            raise IndexError(f"step index {i} is out of range for a plan of {len(self)} steps")
-        return i
-
 
 @dataclass(frozen=True)
 class UniPCCarry:
