@@ -104,14 +104,17 @@ class _SigmaStepper:
     name: str = ""
     space: str = "sigma"
     default_eta: float = 0.0
+    # Noise draws of a stochastic step (eta > 0) that does not end at sigma = 0, where every
+    # stepper returns the denoised estimate; 0 for the deterministic (ODE) steppers.
+    draws: int = 0
 
     def make_plan(self, schedule: TrainSchedule, num_steps: int,
                   spacing: str | None) -> SigmaPlan:
         return sigma_plan(schedule, num_steps, spacing)
 
     def noise_draws(self, plan: SigmaPlan, i: int, eta: float) -> int:
-        plan.check_index(i)
-        return 0
+        i = plan.check_index(i)
+        return self.draws if eta > 0 and float(plan.sigmas[i + 1]) > 0 else 0
 
     def model_calls(self, plan: SigmaPlan, i: int) -> int:
         plan.check_index(i)
@@ -148,10 +151,8 @@ class EulerAncestral(_SigmaStepper):
 
     name: str = "euler_a"
     default_eta: float = 1.0
+    draws: int = 1
 
-    def noise_draws(self, plan, i, eta):
-        i = plan.check_index(i)
-        return int(eta > 0 and float(plan.sigmas[i + 1]) > 0)
 
     def step(self, denoiser, plan, i, x, carry, noise, *, eta):
         i, s, s_next, noise = self._begin(plan, i, x, noise, eta)
@@ -313,10 +314,8 @@ class DPMPP2MSDE(_SigmaStepper):
 
     name: str = "dpmpp_2m_sde"
     default_eta: float = 1.0
+    draws: int = 1
 
-    def noise_draws(self, plan, i, eta):
-        i = plan.check_index(i)
-        return int(eta > 0 and float(plan.sigmas[i + 1]) > 0)
 
     def step(self, denoiser, plan, i, x, carry, noise, *, eta):
         i, s, s_next, noise = self._begin(plan, i, x, noise, eta)
@@ -348,10 +347,8 @@ class DPMPPSDE(_SigmaStepper):
 
     name: str = "dpmpp_sde"
     default_eta: float = 1.0
+    draws: int = 2
 
-    def noise_draws(self, plan, i, eta):
-        i = plan.check_index(i)
-        return 2 if eta > 0 and float(plan.sigmas[i + 1]) > 0 else 0
 
     def model_calls(self, plan, i):
         i = plan.check_index(i)
@@ -386,10 +383,8 @@ class DPMPP2SAncestral(_SigmaStepper):
 
     name: str = "dpmpp_2s_a"
     default_eta: float = 1.0
+    draws: int = 1
 
-    def noise_draws(self, plan, i, eta):
-        i = plan.check_index(i)
-        return int(eta > 0 and float(plan.sigmas[i + 1]) > 0)
 
     def model_calls(self, plan, i):
         i = plan.check_index(i)

@@ -23,6 +23,24 @@ def tiny_dir(tmp_path_factory, tiny_components):
     return path
 
 
+@pytest.fixture(scope="module")
+def tiny_pipe(tiny_dir):
+    """Our TextToImage over the tiny folder (fp32, CPU)."""
+    from pipelines import TextToImage
+    return TextToImage.from_folder(tiny_dir)
+
+
+@pytest.fixture(scope="module")
+def tiny_diffusers_pipe(tiny_dir):
+    """diffusers' StableDiffusionPipeline over the same folder: the reference for parity tests."""
+    from diffusers import StableDiffusionPipeline
+    ref = StableDiffusionPipeline.from_pretrained(tiny_dir, safety_checker=None,
+                                                  requires_safety_checker=False,
+                                                  local_files_only=True)
+    ref.set_progress_bar_config(disable=True)
+    return ref
+
+
 @pytest.fixture
 def deadline(request):
     """A hang is a failure: SIGALRM interrupts a test that runs past its module's

@@ -14,17 +14,13 @@ PROMPTS = ["a red circle on the left", "two blue squares, green background"]
 
 
 @pytest.fixture(scope="module")
-def pipe(tiny_dir):
-    return TextToImage.from_folder(tiny_dir)
+def pipe(tiny_pipe):
+    return tiny_pipe
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_dir):
-    ref = StableDiffusionPipeline.from_pretrained(tiny_dir, safety_checker=None,
-                                                  requires_safety_checker=False,
-                                                  local_files_only=True)
-    ref.set_progress_bar_config(disable=True)
-    return ref
+def reference(tiny_diffusers_pipe):
+    return tiny_diffusers_pipe
 
 
 def _ref_images(reference, scheduler_cls, prompts, seed, **kw):
