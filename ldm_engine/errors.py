@@ -18,3 +18,11 @@ class NonFiniteError(UserInputError):
     A choice the user can change (a wider --dtype), so it is reported like bad input: one line,
     and no image rather than a black or noisy one.
     """
+
+
+class GenerationCancelled(Exception):
+    """A generation was cancelled by its observer (pipelines.observe); no image was made.
+
+    Not a UserInputError: nothing about the input was wrong. The message says after how many steps
+    it stopped.
+    """

@@ -3,9 +3,15 @@
 import ldm_engine  # noqa: F401  (first: sets torch's allocator options before torch loads)
 
 from .base import GenerationResult, Pipeline
-from .params import GenerationParams
+from .img2img import ImageToImage
+from .observe import CancelToken, Observer, Previews, Progress, ProgressBar
+from .params import (GenerationParams, HiresFix, ImageToImageParams, InpaintParams,
+                     OutpaintParams)
 from .pnginfo import InexactRemakeWarning, read_png_params, save_png
+from .registry import PIPELINES, get_pipeline
 from .txt2img import TextToImage
 
-__all__ = ["GenerationParams", "GenerationResult", "InexactRemakeWarning", "Pipeline",
-           "TextToImage", "read_png_params", "save_png"]
+__all__ = ["CancelToken", "GenerationParams", "GenerationResult", "HiresFix", "ImageToImage",
+           "ImageToImageParams", "InexactRemakeWarning", "InpaintParams", "Observer",
+           "OutpaintParams", "PIPELINES", "Pipeline", "Previews", "Progress", "ProgressBar",
+           "TextToImage", "get_pipeline", "read_png_params", "save_png"]

@@ -7,7 +7,8 @@ import logging
 import os
 import random
 import threading
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,8 +22,12 @@ from ldm_engine.limits import check_memory, check_size, device_memory
 from ldm_engine.modelhash import model_hash
 from ldm_engine.precision import DTYPES, resolve_device, resolve_dtype
 
+from schedulers import Plan, Sampler, TrainSchedule, get_sampler, make_denoiser, train_schedule
+
 from .guidance import Guidance, UNetFn
-from .params import GenerationParams, check_seed
+from .loop import StepHook, denoise, per_image_noise
+from .observe import Observer, as_observers
+from .params import GenerationParams, check_request, check_seed
 from .pnginfo import save_png
 from .embeddings import Embedding, load_embedding
 from .prompts import encode_prompts
@@ -71,6 +76,78 @@ class GenerationResult:
         return paths
 
 
+@dataclass(frozen=True, eq=False)
+class Batch:
+    """What Pipeline.run hands a mode: the per-image requests (each with its own seed; every
+    other field but the prompts equal), checked, with their generators and the sampler."""
+
+    requests: tuple[GenerationParams, ...]
+    generators: list[torch.Generator]
+    height: int                      # the generation size, resolved (mode.size)
+    width: int
+    eta: float                       # resolved: the sampler's own when the request has None
+    sampler: Sampler
+    schedule: TrainSchedule
+
+    @property
+    def first(self) -> GenerationParams:
+        return self.requests[0]
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+    def plan(self, steps: int | None = None) -> Plan:
+        """The sampler's full plan of `steps` (default: the request's) steps."""
+        return self.sampler.make_plan(self.schedule, self.first.steps if steps is None else steps)
+
+    def noise(self, shape: Sequence[int], device: torch.device) -> torch.Tensor:
+        """One standard-normal draw per image from its own generator, (B, *shape), float32."""
+        return per_image_noise((len(self), *shape), self.generators, device=device,
+                               dtype=torch.float32)
+
+
+@dataclass(frozen=True, eq=False)
+class Start:
+    """How a mode starts the one loop: latents at the plan's first noise level, the plan, and
+    what else the run needs. `then` chains a second pass (hires fix); `finish` post-processes
+    the decoded pixels (pasting an "only masked" crop back)."""
+
+    latents: torch.Tensor                                 # (B, C, h, w) float32
+    plan: Plan
+    hook: StepHook | None = None
+    # Extra UNet input channels, (B, k, h, w), concatenated after the latents at every call:
+    # mask and masked-image latents for 9-channel inpainting UNets (never scaled by c_in).
+    conditioning: torch.Tensor | None = None
+    then: Callable[[torch.Tensor], "Start"] | None = None
+    finish: Callable[[torch.Tensor], torch.Tensor] | None = None
+    passes: int = 1
+
+
+class Mode:
+    """One generation mode: what it adds to the shared Pipeline.run. Stateless; subclasses
+    override what they need (pipelines.registry lists them by name)."""
+
+    name: str = ""
+    request: type = GenerationParams
+
+    def size(self, pipe: "Pipeline", request: GenerationParams) -> tuple[int, int]:
+        """The generation's (height, width): the request's, else the model's native size."""
+        native = pipe.components.unet.config.sample_size * pipe.components.vae_factor
+        return (native if request.height is None else request.height,
+                native if request.width is None else request.width)
+
+    def largest(self, pipe: "Pipeline", request: GenerationParams, height: int,
+                width: int) -> tuple[int, int]:
+        """The largest (height, width) any pass generates at (for the size and memory limits)."""
+        return height, width
+
+    def check(self, pipe: "Pipeline", batch: Batch) -> None:
+        """What only this mode can get wrong, checked before any compute."""
+
+    def prepare(self, pipe: "Pipeline", batch: Batch) -> Start:
+        raise NotImplementedError
+
+
 def output_paths(path: str | os.PathLike, n: int) -> list[Path]:
     """Where GenerationResult.save writes n images: path itself, or name-0.png, name-1.png, ..."""
     path = Path(path)
@@ -117,6 +194,62 @@ def make_generators(n: int, seed: int | None,
     check_seed(seed, n)
     seeds = [int(seed) + j for j in range(n)]
     return [torch.Generator("cpu").manual_seed(s) for s in seeds], seeds
+
+
+def requests_for(cls: type, prompt, negative_prompt, seed: int | None, num_images_per_prompt,
+                 **fields) -> list[GenerationParams]:
+    """One request per prompt for a diffusers-style call: negative prompts broadcast, fields
+    left None take the request type's defaults, and prompt i is seeded seed + i * k, so that the
+    batch's image j has seed + j (a random seed when None)."""
+    prompts = as_prompt_list(prompt)
+    negatives = as_prompt_list("" if negative_prompt is None else negative_prompt,
+                               "negative prompt")
+    if len(negatives) == 1:
+        negatives = negatives * len(prompts)
+    if len(negatives) != len(prompts):
+        raise UserInputError(
+            f"{len(negatives)} negative prompts for {len(prompts)} prompts: give one or one each")
+    import numbers
+    k = num_images_per_prompt
+    if not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 1:
+        raise UserInputError(f"num_images_per_prompt must be a positive integer, got {k!r}")
+    if seed is None:
+        seed = random.SystemRandom().randrange(2**32)
+    check_seed(seed, len(prompts) * int(k))
+    given = {name: value for name, value in fields.items() if value is not None}
+    try:
+        return [cls(prompt=p, negative_prompt=q, seed=int(seed) + i * int(k), **given)
+                for i, (p, q) in enumerate(zip(prompts, negatives))]
+    except TypeError as e:              # e.g. a keyword this mode does not have
+        raise UserInputError(str(e)) from None
+
+
+def _shared(r: GenerationParams):
+    """What all images of one batch must share: everything but prompts and seed."""
+    return r.replace(prompt="", negative_prompt="", seed=0)
+
+
+def _differences(wanted: GenerationParams, made: GenerationParams) -> list[str]:
+    """How an image made with `made` can differ from the one `wanted` describes."""
+    out = []
+    # An 8-digit hash is A1111's pre-2023 one (of 64 KiB of the file): not comparable.
+    if len(wanted.model_hash) == len(made.model_hash) and wanted.model_hash != made.model_hash:
+        out.append(f"model hash {made.model_hash}, the image's is {wanted.model_hash}")
+    for field in ("dtype", "deep_cache", "vae_tiling"):
+        if getattr(wanted, field) != getattr(made, field):
+            out.append(f"{field} {getattr(made, field)}, the image's is {getattr(wanted, field)}")
+    return out
+
+
+def batch_seeds(batch: Batch, images: Sequence[GenerationParams]) -> list[int]:
+    """The seed each image records: its request's, or its user generator's initial seed."""
+    return [g.initial_seed() for g in batch.generators]
+
+
+def _check_count_arg(name: str, value) -> None:
+    import numbers
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+        raise UserInputError(f"{name} must be a positive integer, got {value!r}")
 
 
 def _placement(device: str | torch.device, dtype: str | torch.dtype, *, compile: bool,
@@ -287,6 +420,184 @@ class Pipeline:
         states = self.encode_text(prompts + negatives, clip_skip)
         n = len(prompts)
         return Guidance(scale, states[:n], states[n:])
+
+    # --- the shared run -------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def run(self, request: GenerationParams | Sequence[GenerationParams], *,
+            num_images: int = 1,
+            generator: torch.Generator | Sequence[torch.Generator] | None = None,
+            observer: Observer | Sequence[Observer] | None = None, progress: bool = False,
+            allow_large: bool = False) -> GenerationResult:
+        """Make the images a request (or several, as one batch) describes; any mode.
+
+        Image j of a request is made with seed + j (A1111's convention), so it equals a single
+        generation with that seed. Every error in the input is raised before any network runs.
+        The mode (request.mode: pipelines.registry) only prepares the starting latents, the plan
+        and an optional step hook; prompts, guidance, generators, the loop, the decode and the
+        result are done here, for all modes alike. allow_large: see check_generation_size.
+        """
+        from .registry import mode_of
+
+        requests = [request] if isinstance(request, GenerationParams) else list(request)
+        if not requests or not all(isinstance(r, GenerationParams) for r in requests):
+            raise UserInputError("run() takes a request (pipelines.params) or a list of them")
+        mode = mode_of(requests[0])
+        if any(type(r) is not type(requests[0]) for r in requests):
+            raise UserInputError("one batch runs one mode: the requests are of different types")
+        _check_count_arg("num_images", num_images)
+        if not isinstance(allow_large, bool):
+            raise UserInputError(f"allow_large must be True or False, got {allow_large!r}")
+        images = [r.replace(seed=r.seed + j) for r in requests for j in range(num_images)]
+        if any(_shared(r) != _shared(images[0]) for r in images):
+            raise UserInputError("requests in one batch may differ only in prompt, negative "
+                                 "prompt and seed")
+        batch = self._batch(mode, images, generator, allow_large)
+        observers = as_observers(observer)
+        if progress:
+            from .observe import ProgressBar
+            observers.append(ProgressBar(batch.sampler.name))
+        first = batch.first
+        guidance = self.guidance([r.prompt for r in images], [r.negative_prompt for r in images],
+                                 first.guidance_scale, first.clip_skip)
+        start = mode.prepare(self, batch)
+        for o in observers:
+            o.on_start(start.passes)
+        try:
+            k = 0
+            while True:
+                unet = self._conditioned(self.denoiser(), start.conditioning)
+                d = make_denoiser(guidance.model(unet), batch.schedule,
+                                  self.components.schedule.prediction_type)
+                latents = denoise(d, start.latents, sampler=batch.sampler, plan=start.plan,
+                                  generators=batch.generators, eta=batch.eta, on_step=start.hook,
+                                  observers=observers, decode=self.decode, pass_index=k,
+                                  passes=start.passes)
+                if start.then is None:
+                    break
+                start, k = start.then(latents), k + 1
+        finally:
+            for o in observers:
+                o.on_end()
+        pixels = self.decode(latents)
+        if start.finish is not None:
+            pixels = start.finish(pixels)
+        made_with = dict(self.pixel_settings(), model=self.name, model_hash=self.model_hash)
+        params = [r.replace(height=batch.height, width=batch.width, eta=batch.eta,
+                            sampler=batch.sampler.name, seed=seed, **made_with)
+                  for r, seed in zip(images, batch_seeds(batch, images))]
+        return GenerationResult(self.to_pil(pixels), pixels.cpu(), latents.float().cpu(), params)
+
+    def regenerate(self, params: GenerationParams, *, progress: bool = True,
+                   allow_large: bool = False, observer=None) -> GenerationResult:
+        """Make the image a request read back from a PNG describes (any mode; image modes need
+        their images put back into it: params.replace(init_image=...)).
+
+        The model, its dtype and the approximations are fixed when the pipeline is loaded; load
+        it with ``from_folder(path, dtype=params.dtype, deep_cache=params.deep_cache,
+        vae_tiling=params.vae_tiling)`` to match them (the CLI's --from-image does). Where this
+        pipeline differs, the image is still made, with an InexactRemakeWarning naming how.
+        """
+        from .pnginfo import InexactRemakeWarning
+
+        result = self.run(params, progress=progress, allow_large=allow_large, observer=observer)
+        differences = _differences(params, result.params[0])
+        if differences:
+            warnings.warn(InexactRemakeWarning(
+                f"this pipeline differs from what made the image ({'; '.join(differences)}): "
+                "the image will differ"), stacklevel=2)
+        return result
+
+    def _batch(self, mode, images: list[GenerationParams], generator, allow_large: bool) -> Batch:
+        """Every check of a batch, the model's included, and its generators: before compute."""
+        c = self.components
+        first = images[0]
+        first.check_mode(c.vae_factor)
+        height, width = mode.size(self, first)
+        eta = first.eta
+        if eta is None:         # the sampler's own (1 for euler_a and the SDE samplers)
+            try:
+                eta = get_sampler(first.sampler).default_eta
+            except ValueError:
+                eta = 0.0       # an unknown sampler: check_request names it
+        from .pnginfo import check_storable
+
+        check_storable([r.prompt for r in images])
+        check_storable([r.negative_prompt for r in images], "negative prompt")
+        check_request(steps=first.steps, guidance_scale=first.guidance_scale,
+                      sampler=first.sampler, eta=eta, height=height, width=width,
+                      vae_factor=c.vae_factor, num_images=len(images), schedule=c.schedule,
+                      clip_skip=first.clip_skip,
+                      text_layers=c.text_encoder.config.num_hidden_layers)
+        for r in images:
+            check_seed(r.seed)
+        out_h, out_w = mode.largest(self, first, height, width)
+        self.check_generation_size(height=out_h, width=out_w, num_images=len(images),
+                                   guided=first.guidance_scale != 1.0, allow_large=allow_large)
+        if generator is not None:
+            generators, _ = make_generators(len(images), None, generator)
+        else:
+            generators = [torch.Generator("cpu").manual_seed(int(r.seed)) for r in images]
+        batch = Batch(requests=tuple(images), generators=generators, height=int(height),
+                      width=int(width), eta=float(eta), sampler=get_sampler(first.sampler),
+                      schedule=train_schedule(c.schedule))
+        mode.check(self, batch)
+        return batch
+
+    @staticmethod
+    def _conditioned(unet: UNetFn, conditioning: torch.Tensor | None) -> UNetFn:
+        """The UNet reading `conditioning` channels after the latents (9-channel inpainting:
+        [x, mask, masked-image latents], as diffusers concatenates them). Guidance stacks
+        (uncond; cond) on the batch axis, so the conditioning is repeated to x's batch."""
+        if conditioning is None:
+            return unet
+
+        def conditioned(x: torch.Tensor, t: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+            extra = conditioning.to(x.dtype).repeat(x.shape[0] // conditioning.shape[0], 1, 1, 1)
+            return unet(torch.cat([x, extra], dim=1), t, states)
+
+        return conditioned
+
+    def encode(self, pixels: torch.Tensor, generators: Sequence[torch.Generator] | None = None
+               ) -> torch.Tensor:
+        """Images in [-1, 1], (B, 3, H, W) -> scaled latents (B, C, H/f, W/f) float32.
+
+        With generators, each image's latent is a draw from the VAE's posterior N(mean, std^2)
+        with its own generator (diffusers' retrieve_latents, sample_mode "sample"); without, the
+        posterior mean (sample_mode "argmax"). The latents are scaled (and shifted) as the UNet
+        sees them.
+        """
+        vae = self.components.vae
+        use = vae
+        if vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+            use = self._fp32_encoder()
+        x = pixels.to(device=self.device, dtype=use.dtype)
+        rows = []
+        for b in range(x.shape[0]):
+            dist = use.encode(x[b:b + 1]).latent_dist
+            if generators is None:
+                rows.append(dist.mode())
+            else:
+                # A CPU draw, so a seed means the same latent on any device (as the loop's noise).
+                z = torch.randn(dist.mean.shape, generator=generators[b], dtype=torch.float32)
+                rows.append(dist.mean + dist.std * z.to(dist.mean.device, dist.mean.dtype))
+        latents = torch.cat(rows).float()
+        if getattr(vae.config, "shift_factor", None):
+            latents = latents - vae.config.shift_factor
+        return latents * vae.config.scaling_factor
+
+    def _fp32_encoder(self):
+        """An fp32 copy of the whole VAE, for encoding with an fp16 VAE marked force_upcast (its
+        encoder overflows fp16 as its decoder does); made once, never changed after."""
+        vae = self.components.vae
+        cached = getattr(self, "_vae_fp32_full", None)
+        if cached is None or cached[0] is not vae:
+            with _FP32_VAE_LOCK:
+                cached = getattr(self, "_vae_fp32_full", None)
+                if cached is None or cached[0] is not vae:
+                    cached = (vae, torch.nn.Module.float(copy.deepcopy(vae)))
+                    self._vae_fp32_full = cached
+        return cached[1]
 
     def unet_fn(self, x: torch.Tensor, t: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
         out = self.components.unet(x.to(self.dtype), t, encoder_hidden_states=states,

@@ -6,10 +6,13 @@ Its PNG form (the AUTOMATIC1111 ``parameters`` text) is in ``pipelines.pnginfo``
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import numbers
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal, get_args
+
+from PIL import Image
 
 from ldm_engine.config_check import ModelShape
 from ldm_engine.errors import UserInputError
@@ -20,18 +23,59 @@ from .prompts import check_clip_skip
 
 # The networks' precision as GenerationParams records it (ldm_engine.precision.DTYPES' names).
 Precision = Literal["fp32", "bf16", "fp16"]
+# How an init image is fitted to the generation size: A1111's img2img "Resize mode"
+# (pipelines.images.fit_image): stretch, scale-to-cover and centre-crop, scale-to-fit and fill.
+ResizeMode = Literal["just-resize", "crop", "fill"]
+# Which latent an init image encodes to: a draw from the VAE posterior N(mean, std^2), from the
+# image's own generator (diffusers' default, sample_mode="sample"), or its mean ("argmax").
+InitLatents = Literal["sample", "mode"]
+# Hires-fix upscalers: the latent ones are A1111's "Latent", "Latent (bicubic)", "Latent
+# (nearest)" (torch interpolate of the latents); "lanczos" decodes, resizes the pixels and encodes.
+Upscaler = Literal["latent", "latent-bicubic", "latent-nearest", "lanczos"]
+# Outpainting's fill of the new border before it is inpainted (pipelines.images.extend_canvas).
+OutpaintFill = Literal["edge", "noise", "color"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class HiresFix:
+    """A1111's "Hires. fix": generate at the request's size, upscale by `scale`, then re-denoise
+    the large image image-to-image with `strength` over `steps` steps (0: the base steps)."""
+
+    # A1111's default upscale is 2: a 512 px model then makes 1024 px images.
+    scale: float = 2.0
+    # A1111's default upscaler is "Latent" (bilinear in latent space).
+    upscaler: Upscaler = "latent"
+    # A1111's "Hires steps": 0 means as many as the first pass.
+    steps: int = 0
+    # A1111's "Denoising strength" of the second pass, 0.7 by default; latent upscales need
+    # >= ~0.5, or the blur of upscaled latents stays visible.
+    strength: float = 0.7
+
+    def size(self, height: int, width: int, factor: int) -> tuple[int, int]:
+        """The second pass's (height, width): scaled and rounded down to the VAE factor."""
+        return (int(height * self.scale) // factor * factor,
+                int(width * self.scale) // factor * factor)
 
 
 @dataclass(frozen=True, kw_only=True)
 class GenerationParams:
+    """Text to image: everything that decides one image (its own seed), and the mode's defaults.
+
+    The defaults here are the only ones: the Python call, the CLI, the HTTP API and the PNG reader
+    build requests from these. None means "the model's": the native size, the sampler's eta.
+    """
+
     prompt: str
     negative_prompt: str = ""
-    steps: int = 50
+    # A sampler such as DPM++ 2M Karras converges in 20-30 steps; DDIM wants more, 30 is between.
+    steps: int = 30
     guidance_scale: float = 7.5
     sampler: str = "ddim"
-    eta: float = 0.0
-    height: int = 512
-    width: int = 512
+    # None: the sampler's own (0 for DDIM and the ODE samplers, 1 for ancestral / SDE ones).
+    eta: float | None = None
+    # None: the model's native size (sample_size x VAE factor: 512 for SD-1.x, 64 bundled).
+    height: int | None = None
+    width: int | None = None
     seed: int = 0
     # The model's folder name or file stem: shown in the PNG, never used to pick a model.
     model: str = ""
@@ -46,11 +90,24 @@ class GenerationParams:
     vae_tiling: bool = False
     # A1111's "Clip skip": condition on the N-th text-encoder layer from the end (1 = the last).
     clip_skip: int = 1
+    # Text to image only: a second, image-to-image pass at a larger size (None: off).
+    hires: HiresFix | None = None
+
+    # The registry name of the mode this request runs (pipelines.registry).
+    mode: ClassVar[str] = "txt2img"
 
     def validate(self, vae_factor: int = 8) -> None:
+        """The checks that need no model (the pipeline adds the model's own)."""
         check_request(steps=self.steps, guidance_scale=self.guidance_scale, sampler=self.sampler,
-                      eta=self.eta, height=self.height, width=self.width, vae_factor=vae_factor,
-                      clip_skip=self.clip_skip)
+                      eta=0.0 if self.eta is None else self.eta,
+                      height=self.height or vae_factor, width=self.width or vae_factor,
+                      vae_factor=vae_factor, clip_skip=self.clip_skip)
+        self.check_mode(vae_factor)
+
+    def check_mode(self, vae_factor: int = 8) -> None:
+        """This mode's own fields (text to image: the hires fix)."""
+        if self.hires is not None:
+            check_hires(self.hires)
 
     def to_png_text(self) -> str:
         """The A1111 ``parameters`` text (see pipelines.pnginfo)."""
@@ -64,6 +121,142 @@ class GenerationParams:
 
     def replace(self, **changes) -> "GenerationParams":
         return dataclasses.replace(self, **changes)
+
+
+def image_hash(image: Image.Image | None) -> str:
+    """10 hex digits of the SHA-256 of an image's mode, size and pixels: what a PNG records of
+    the init image and mask (which it does not hold), so a re-play can tell it got the same."""
+    if image is None:
+        return ""
+    h = hashlib.sha256(f"{image.mode} {image.width}x{image.height}\n".encode())
+    h.update(image.tobytes())
+    return h.hexdigest()[:10]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImageToImageParams(GenerationParams):
+    """Image to image (SDEdit, Meng et al. 2022): the init image, encoded and noised to
+    `strength`, is denoised over the last int(steps * strength) steps of the plan."""
+
+    # The image itself (RGB; pipelines.images.load_image converts, saying so). None only in a
+    # request read back from a PNG, which records its hash: the caller supplies the image.
+    init_image: Image.Image | None = field(default=None, repr=False, compare=False)
+    # image_hash(init_image), filled in when the image is given.
+    init_image_hash: str = ""
+    # A1111's "Denoising strength" (its default 0.75): 1 ignores the image, -> 0 returns it.
+    strength: float = 0.75
+    resize_mode: ResizeMode = "just-resize"
+    init_latents: InitLatents = "sample"
+
+    mode: ClassVar[str] = "img2img"
+
+    def __post_init__(self) -> None:
+        if self.init_image is not None:
+            if not isinstance(self.init_image, Image.Image):
+                raise UserInputError(f"init_image must be a PIL image (pipelines.images."
+                                     f"load_image reads files), got {type(self.init_image).__name__}")
+            object.__setattr__(self, "init_image_hash", image_hash(self.init_image))
+
+    def check_mode(self, vae_factor: int = 8) -> None:
+        if self.hires is not None:
+            raise UserInputError("the hires fix is a text-to-image option; image to image "
+                                 "already starts from an image")
+        check_strength(self.strength)
+        _check_choice("resize_mode", self.resize_mode, ResizeMode)
+        _check_choice("init_latents", self.init_latents, InitLatents)
+
+
+@dataclass(frozen=True, kw_only=True)
+class InpaintParams(ImageToImageParams):
+    """Inpainting: repaint where the mask is white, keep the rest. Any UNet re-imposes the known
+    region at every step; a 9-channel inpainting UNet also reads the mask and masked image."""
+
+    # White (255) = repaint, black = keep (A1111 and diffusers). Same size as the init image.
+    mask: Image.Image | None = field(default=None, repr=False, compare=False)
+    mask_hash: str = ""
+    # Repaint everything under the mask: the init image only shapes the known region.
+    strength: float = 1.0
+    # A1111's "Mask blur" (Gaussian radius in pixels; its default 4) softens the seam.
+    mask_blur: int = 4
+    # A1111's "Inpaint area: Only masked": generate the mask's bounding box plus `padding`
+    # pixels at the full generation size, then paste it back (detail for small regions).
+    only_masked: bool = False
+    padding: int = 32
+
+    mode: ClassVar[str] = "inpaint"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.mask is not None:
+            if not isinstance(self.mask, Image.Image):
+                raise UserInputError(f"mask must be a PIL image (pipelines.images.load_mask reads "
+                                     f"files), got {type(self.mask).__name__}")
+            object.__setattr__(self, "mask_hash", image_hash(self.mask))
+
+    def check_mode(self, vae_factor: int = 8) -> None:
+        super().check_mode(vae_factor)
+        _check_count("mask_blur", self.mask_blur, zero=True)
+        _check_count("padding", self.padding, zero=True)
+        if not isinstance(self.only_masked, bool):
+            raise UserInputError(f"only_masked must be True or False, got {self.only_masked!r}")
+        if (self.init_image is not None and self.mask is not None
+                and self.init_image.size != self.mask.size):
+            raise UserInputError(f"the mask is {self.mask.width}x{self.mask.height} but the image "
+                                 f"is {self.init_image.width}x{self.init_image.height}; they must "
+                                 "be the same size")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OutpaintParams(InpaintParams):
+    """Outpainting: extend the canvas by some pixels on chosen sides, fill the new border, and
+    inpaint it (the mask is made here, not given)."""
+
+    left: int = 0
+    right: int = 0
+    top: int = 0
+    bottom: int = 0
+    fill: OutpaintFill = "edge"
+    color: tuple[int, int, int] = (127, 127, 127)
+    # The mask reaches this many pixels into the original, so the seam itself is repainted.
+    overlap: int = 8
+
+    mode: ClassVar[str] = "outpaint"
+
+    def check_mode(self, vae_factor: int = 8) -> None:
+        if self.mask is not None:
+            raise UserInputError("outpainting makes its own mask (the new border); give none")
+        super().check_mode(vae_factor)
+        for side in ("left", "right", "top", "bottom", "overlap"):
+            _check_count(side, getattr(self, side), zero=True)
+        if not (self.left or self.right or self.top or self.bottom):
+            raise UserInputError("outpainting needs at least one of left/right/top/bottom > 0 "
+                                 "(pixels to add)")
+        _check_choice("fill", self.fill, OutpaintFill)
+        if (not isinstance(self.color, tuple) or len(self.color) != 3
+                or not all(isinstance(c, int) and 0 <= c <= 255 for c in self.color)):
+            raise UserInputError(f"color must be three integers 0-255, got {self.color!r}")
+
+
+def check_strength(strength) -> None:
+    if not _is_real(strength) or not 0 < strength <= 1:
+        raise UserInputError(f"strength (denoising strength) must be a number in (0, 1], got "
+                             f"{strength!r}")
+
+
+def check_hires(hires: HiresFix) -> None:
+    if not isinstance(hires, HiresFix):
+        raise UserInputError(f"hires must be a HiresFix, got {type(hires).__name__}")
+    if not _is_real(hires.scale) or not 1 <= hires.scale <= 8:
+        raise UserInputError(f"hires scale must be a number in [1, 8], got {hires.scale!r}")
+    _check_choice("hires upscaler", hires.upscaler, Upscaler)
+    _check_count("hires steps", hires.steps, zero=True)
+    check_strength(hires.strength)
+
+
+def _check_choice(name: str, value, choices) -> None:
+    valid = get_args(choices)
+    if value not in valid:
+        raise UserInputError(f"{name} must be one of {', '.join(valid)}, got {value!r}")
 
 
 def check_request(*, steps: int, guidance_scale: float, sampler: str, eta: float, height: int,
@@ -114,9 +307,11 @@ def _is_real(x) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
-def _check_count(name: str, value) -> None:
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value <= 0:
-        raise UserInputError(f"{name} must be a positive integer, got {value!r}")
+def _check_count(name: str, value, *, zero: bool = False) -> None:
+    if (not isinstance(value, numbers.Integral) or isinstance(value, bool)
+            or value < (0 if zero else 1)):
+        kind = "a non-negative" if zero else "a positive"
+        raise UserInputError(f"{name} must be {kind} integer, got {value!r}")
 
 
 # torch.Generator.manual_seed takes a 64-bit seed; image j of a call uses seed + j.

@@ -61,7 +61,8 @@ from ldm_engine.fsutil import atomic_path
 
 from schedulers import get_sampler
 
-from .params import GenerationParams
+from .params import (GenerationParams, HiresFix, ImageToImageParams, InpaintParams,
+                     OutpaintParams)
 from .sampler_names import a1111_fields, from_a1111, sampler_names
 
 
@@ -89,6 +90,17 @@ _NEGATIVE = "Negative prompt:"
 REQUIRED = ("Steps", "Sampler", "CFG scale", "Seed", "Size")
 OPTIONAL = ("Schedule type", "Model hash", "Model", "Eta DDIM", "Eta", "Clip skip", "Dtype",
             "Deep cache", "VAE tiling", "Version")
+# The fields of each mode beyond those (A1111's names where A1111 has the setting).
+HIRES = ("Hires upscale", "Hires steps", "Hires upscaler", "Denoising strength")
+IMG2IMG = ("Denoising strength", "Init image hash", "Resize mode", "Init latents")
+INPAINT = IMG2IMG + ("Mask blur", "Mask hash", "Inpaint area", "Masked area padding")
+OUTPAINT = INPAINT + ("Outpaint", "Outpaint fill", "Outpaint color", "Outpaint overlap")
+# A1111's upscaler names; its img2img "Resize mode" names.
+UPSCALER_NAMES = {"latent": "Latent", "latent-bicubic": "Latent (bicubic)",
+                  "latent-nearest": "Latent (nearest)", "lanczos": "Lanczos"}
+RESIZE_NAMES = {"just-resize": "Just resize", "crop": "Crop and resize",
+                "fill": "Resize and fill"}
+SIDES = ("left", "right", "top", "bottom")
 
 
 @functools.cache
@@ -151,12 +163,16 @@ def _settings(p: GenerationParams) -> Iterator[tuple[str, str]]:
         yield "Schedule type", schedule_type
     yield "CFG scale", _num(p.guidance_scale)
     yield "Seed", str(p.seed)
+    if p.width is None or p.height is None:
+        raise UserInputError("a PNG records a concrete size: resolve height and width first")
     yield "Size", f"{p.width}x{p.height}"
     if p.model_hash:
         yield "Model hash", _quote(p.model_hash)
     if p.model:
         yield "Model", _quote(p.model)
-    if _ancestral(p.sampler):       # A1111's "Eta": the ancestral / SDE samplers', default 1
+    if p.eta is None:               # the sampler's own: nothing to write
+        pass
+    elif _ancestral(p.sampler):     # A1111's "Eta": the ancestral / SDE samplers', default 1
         if p.eta != 1:
             yield "Eta", _num(p.eta)
     elif p.eta:
@@ -169,7 +185,43 @@ def _settings(p: GenerationParams) -> Iterator[tuple[str, str]]:
         yield "Deep cache", str(p.deep_cache)
     if p.vae_tiling:
         yield "VAE tiling", "True"
+    yield from _mode_settings(p)
     yield "Version", _quote(engine_version())
+
+
+def _mode_settings(p: GenerationParams) -> Iterator[tuple[str, str]]:
+    """The fields of the image modes and the hires fix (written only where they apply)."""
+    if p.hires is not None:
+        yield "Hires upscale", _num(p.hires.scale)
+        if p.hires.steps:
+            yield "Hires steps", str(p.hires.steps)
+        yield "Hires upscaler", _quote(UPSCALER_NAMES[p.hires.upscaler])
+        yield "Denoising strength", _num(p.hires.strength)
+    if not isinstance(p, ImageToImageParams):
+        return
+    yield "Denoising strength", _num(p.strength)
+    if p.init_image_hash:
+        yield "Init image hash", p.init_image_hash
+    if p.resize_mode != "just-resize":
+        yield "Resize mode", _quote(RESIZE_NAMES[p.resize_mode])
+    if p.init_latents != "sample":
+        yield "Init latents", p.init_latents
+    if not isinstance(p, InpaintParams):
+        return
+    yield "Mask blur", str(p.mask_blur)
+    if p.mask_hash:
+        yield "Mask hash", p.mask_hash
+    if p.only_masked:
+        yield "Inpaint area", _quote("Only masked")
+        yield "Masked area padding", str(p.padding)
+    if not isinstance(p, OutpaintParams):
+        return
+    yield "Outpaint", " ".join(f"{side} {getattr(p, side)}" for side in SIDES
+                               if getattr(p, side))
+    yield "Outpaint fill", p.fill
+    if p.fill == "color":
+        yield "Outpaint color", "#%02x%02x%02x" % p.color
+    yield "Outpaint overlap", str(p.overlap)
 
 
 def _num(x: float) -> str:
@@ -226,14 +278,18 @@ def parse_parameters(text: str) -> GenerationParams:
     ancestral = _ancestral(sampler)
     eta_key = "Eta" if ancestral else "Eta DDIM"
     ignored = {"Eta", "Eta DDIM"} - {eta_key}
+    cls = _mode_class(settings)
+    known = OPTIONAL + {GenerationParams: HIRES, ImageToImageParams: IMG2IMG,
+                        InpaintParams: INPAINT, OutpaintParams: OUTPAINT}[cls]
     unknown = [k for k in settings
-               if k not in REQUIRED and (k not in OPTIONAL or k in ignored)]
+               if k not in REQUIRED and (k not in known or k in ignored)]
     if unknown:
         warnings.warn(InexactRemakeWarning(
             "the PNG's parameters name settings this engine does not have, ignored (the image "
             f"will differ): {', '.join(unknown)}"), stacklevel=2)
     width, height = _size(settings["Size"])
-    return GenerationParams(
+    return cls(
+        **_mode_fields(cls, settings),
         prompt=prompt, negative_prompt=negative, steps=_count(settings, "Steps", low=1),
         guidance_scale=_float(settings, "CFG scale"),
         sampler=sampler,
@@ -244,6 +300,77 @@ def parse_parameters(text: str) -> GenerationParams:
         dtype=_choice(settings, "Dtype", DTYPE_NAMES, "fp32"),
         deep_cache=_count(settings, "Deep cache", default=1, low=1),
         vae_tiling=_choice(settings, "VAE tiling", ("True", "False"), "False") == "True")
+
+
+def _mode_class(settings: dict[str, str]) -> type:
+    """Which request a settings line describes: outpaint, inpaint (A1111's "Mask blur"), img2img
+    ("Denoising strength" without a hires fix), else text to image."""
+    if "Outpaint" in settings:
+        return OutpaintParams
+    if "Mask blur" in settings or "Mask hash" in settings:
+        return InpaintParams
+    if "Denoising strength" in settings and "Hires upscale" not in settings:
+        return ImageToImageParams
+    return GenerationParams
+
+
+def _mode_fields(cls: type, settings: dict[str, str]) -> dict:
+    """The mode's own fields, read with the same strictness as the rest."""
+    if cls is GenerationParams:
+        if "Hires upscale" not in settings:
+            return {}
+        return {"hires": HiresFix(
+            scale=_float(settings, "Hires upscale", low=1.0),
+            steps=_count(settings, "Hires steps", default=0),
+            upscaler=_named(settings, "Hires upscaler", UPSCALER_NAMES, "latent"),
+            strength=_float(settings, "Denoising strength", default=0.7, low=0.0))}
+    out = {"strength": _float(settings, "Denoising strength",
+                              default=1.0 if cls is not ImageToImageParams else 0.75, low=0.0),
+           "init_image_hash": _image_hash(settings, "Init image hash"),
+           "resize_mode": _named(settings, "Resize mode", RESIZE_NAMES, "just-resize"),
+           "init_latents": _choice(settings, "Init latents", ("sample", "mode"), "sample")}
+    if cls is ImageToImageParams:
+        return out
+    area = _choice(settings, "Inpaint area", ("Whole picture", "Only masked"), "Whole picture")
+    out |= {"mask_blur": _count(settings, "Mask blur", default=4, high=1000),
+            "mask_hash": _image_hash(settings, "Mask hash"),
+            "only_masked": area == "Only masked",
+            "padding": _count(settings, "Masked area padding", default=32, high=100_000)}
+    if cls is InpaintParams:
+        return out
+    words = settings["Outpaint"].split(" ")
+    if len(words) % 2 or not words[::2] or any(w not in SIDES for w in words[::2]):
+        raise UserInputError(f"PNG parameters: Outpaint must be 'left N top N ...', got "
+                             f"{_clip(settings['Outpaint'])!r}")
+    for side, n in zip(words[::2], words[1::2]):
+        out[side] = _count({"Outpaint": n}, "Outpaint", high=100_000)
+    out["fill"] = _choice(settings, "Outpaint fill", ("edge", "noise", "color"), "edge")
+    color = settings.get("Outpaint color", "#7f7f7f")
+    if not re.fullmatch(r"#[0-9a-f]{6}", color):
+        raise UserInputError(f"PNG parameters: Outpaint color must be #rrggbb, got {_clip(color)!r}")
+    out["color"] = tuple(int(color[k:k + 2], 16) for k in (1, 3, 5))
+    out["overlap"] = _count(settings, "Outpaint overlap", default=8, high=100_000)
+    return out
+
+
+def _named(settings: dict[str, str], key: str, names: dict[str, str], default: str) -> str:
+    """A value written by its display name (A1111's), back to the request's name."""
+    if key not in settings:
+        return default
+    by_name = {v.lower(): k for k, v in names.items()}
+    value = settings[key].lower()
+    if value not in by_name:
+        raise UserInputError(f"PNG parameters: {key} must be one of "
+                             f"{', '.join(names.values())}, got {_clip(settings[key])!r}")
+    return by_name[value]
+
+
+def _image_hash(settings: dict[str, str], key: str) -> str:
+    value = settings.get(key, "")
+    if value and not re.fullmatch(r"[0-9a-f]{10}", value):
+        raise UserInputError(f"PNG parameters: {key} must be 10 lowercase hex digits, got "
+                             f"{_clip(value)!r}")
+    return value
 
 
 def _ancestral(sampler: str) -> bool:

@@ -10,6 +10,10 @@ A generation (pipelines/loop.py runs it):
         z = tuple(draw() for _ in range(sampler.noise_draws(plan, i, eta)))
         x, carry = sampler.step(denoiser, plan, i, x, carry, z, eta=eta)
 
+img2img starts part-way down (tail.py): plan = sampler.strength_plan(schedule, num_steps, strength)
+and x = sampler.noised(plan, x0, z) before the same loop; inpainting re-imposes the known region
+after step i with sampler.noised_to(plan, i + 1, x0, z).
+
 Plans are immutable, steps are pure and the history is the caller's `carry`, so one sampler serves
 any number of concurrent generations.
 """
@@ -67,6 +71,7 @@ from .steppers import (
     EulerAncestral,
     Heun,
 )
+from .tail import strength_start
 from .unipc import UniPC
 
 
@@ -126,6 +131,7 @@ __all__ = [
     "sigma_plan",
     "sigma_table",
     "sigma_to_t",
+    "strength_start",
     "BetaSchedule",
     "DDIMPlan",
     "DDPMPlan",

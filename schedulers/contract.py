@@ -47,6 +47,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from .schedule import Prediction, SamplingPlan, StepIndexed, TrainSchedule, to_x0_eps
+from .tail import check_start, strength_start
 
 # The guided network in its own parameterisation: (x_in (B,C,h,w), t 0-d tensor) -> output.
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -194,6 +195,17 @@ class Stepper(Protocol):
 
         carry is None at i = 0; noise holds exactly noise_draws(plan, i, eta) tensors."""
 
+    def tail(self, plan: Plan, start: int) -> Plan:
+        """The plan of steps start..N-1 (same type), to be run from i = 0 with carry None:
+        multistep history starts afresh. start = 0: the plan itself; start = N: no steps."""
+
+    def noised(self, plan: Plan, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x0 forward-noised with `noise` to the plan's first level, in the stepper's space
+        (x0 itself for an empty plan)."""
+
+    def level(self, plan: Plan, i: int) -> float:
+        """The VE noise level sigma of step i's input, i in [0, N] (0 at i = N, the clean end)."""
+
 
 @dataclass(frozen=True)
 class Sampler:
@@ -223,6 +235,45 @@ class Sampler:
     def step(self, denoiser: Denoiser, plan: Plan, i: int, x: torch.Tensor, carry: Carry,
              noise: Noise = (), *, eta: float) -> tuple[torch.Tensor, Carry]:
         return self.stepper.step(denoiser, plan, i, x, carry, tuple(noise), eta=eta)
+
+    # Starting part-way down a plan (img2img, inpainting, hires fix; see tail.py).
+
+    def tail(self, plan: Plan, start: int) -> Plan:
+        """The plan of steps start..N-1, run from i = 0 with carry None: what diffusers' img2img
+        runs after ``timesteps[t_start * order:]`` and ``set_begin_index``. Multistep methods
+        (LMS, DPM++ 2M, UniPC) restart their history and warm-up order at the tail.
+        ValueError unless 0 <= start <= len(plan)."""
+        check_start(plan, start)
+        return self.stepper.tail(plan, start)
+
+    def strength_plan(self, schedule: TrainSchedule, num_steps: int, strength: float) -> Plan:
+        """make_plan, then the tail img2img runs for `strength` in (0, 1] (tail.strength_start).
+        A plan with several model calls per step (diffusers' HeunDiscrete: calls_per_step 2)
+        starts at t_start * calls_per_step, as diffusers' get_timesteps slices by order."""
+        t_start = strength_start(num_steps, strength)
+        plan = self.make_plan(schedule, num_steps)
+        return self.tail(plan, min(t_start * plan.calls_per_step, len(plan)))
+
+    def noised(self, plan: Plan, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x0 forward-noised to the plan's first level (the starting latents of img2img over a
+        tail): sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) z for VP plans, x0 + sigma z for sigma
+        plans (DDPM eq. 4 in either space). x0 itself for an empty plan."""
+        return self.stepper.noised(plan, x0, noise)
+
+    def level(self, plan: Plan, i: int) -> float:
+        """The VE noise level sigma of step i's input (sqrt((1 - alpha_bar) / alpha_bar) for VP
+        plans); i = len(plan) is the clean end, 0."""
+        return self.stepper.level(plan, check_start(plan, i, "i"))
+
+    def noised_to(self, plan: Plan, i: int, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x0 noised to the level of step i's input; i = len(plan) means clean (x0 itself).
+
+        Inpainting re-imposes the known region after step i with noised_to(plan, i + 1, ...), as
+        diffusers' inpaint pipeline does with add_noise(image_latents, noise, timesteps[i + 1])."""
+        i = check_start(plan, i, "i")
+        if i == len(plan):
+            return x0
+        return self.noised(self.tail(plan, i), x0, noise)
 
 
 def check_noise(noise: Noise, count: int, x: torch.Tensor, name: str, i: int) -> Noise:

@@ -42,6 +42,7 @@ import torch
 
 from .contract import Carry, Denoiser, Noise, Sampler, check_noise
 from .schedule import StepIndexed, Prediction, TrainSchedule, check_num_steps
+from .tail import check_start, check_x0_noise, ve_sigma
 
 PREFIX = "diffusers:"
 _CLASS_NAME = re.compile(r"[A-Z][A-Za-z0-9]*Scheduler")
@@ -69,6 +70,10 @@ class DiffusersPlan(StepIndexed):
     init_noise_sigma: float
     prediction_type: Prediction
     draws_noise: bool             # step() takes a generator
+    # scheduler.order: model calls per inference step (2 for HeunDiscrete / KDPM2Discrete).
+    calls_per_step: int = 1
+    # Index of this plan's first step in the template's own timesteps (a tail's start).
+    begin: int = 0
 
 
 @dataclass(frozen=True, eq=False)
@@ -98,7 +103,8 @@ class DiffusersStepper:
         prediction = getattr(template.config, "prediction_type", schedule.config.prediction_type)
         return DiffusersPlan(template=template, timesteps=template.timesteps.clone(),
                              init_noise_sigma=float(template.init_noise_sigma),
-                             prediction_type=prediction, draws_noise="generator" in params)
+                             prediction_type=prediction, draws_noise="generator" in params,
+                             calls_per_step=int(getattr(template, "order", 1)))
 
     def noise_draws(self, plan: DiffusersPlan, i: int, eta: float) -> int:
         plan.check_index(i)
@@ -125,6 +131,43 @@ class DiffusersStepper:
             kwargs["generator"] = _generators_from(noise[0])
         x_next = scheduler.step(out, t, x, return_dict=True, **kwargs).prev_sample
         return x_next, scheduler
+
+
+    def tail(self, plan: DiffusersPlan, start: int) -> DiffusersPlan:
+        """What diffusers' img2img does, on a private copy of the template: the loop's
+        timesteps sliced, and set_begin_index(begin) where the scheduler has it (so its step
+        index, sigmas and multistep warm-up start there); schedulers without it (DDIM, DDPM)
+        look their coefficients up by timestep. `start` counts plan steps (model calls)."""
+        start = check_start(plan, start)
+        if start == 0:
+            return plan
+        template = copy.deepcopy(plan.template)
+        begin = plan.begin + start
+        if hasattr(template, "set_begin_index"):
+            template.set_begin_index(begin)
+        return dataclasses.replace(plan, template=template, timesteps=plan.timesteps[start:],
+                                   begin=begin)
+
+    def noised(self, plan: DiffusersPlan, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """template.add_noise(x0, z, timesteps[:1]) on a copy (add_noise moves the scheduler's
+        tables to x0's device), one timestep per sample as the img2img pipeline passes them."""
+        if len(plan) == 0:
+            return x0
+        noise = check_x0_noise(x0, noise)
+        scheduler = copy.deepcopy(plan.template)
+        timesteps = plan.timesteps[:1].repeat(x0.shape[0])
+        return scheduler.add_noise(x0, noise, timesteps)
+
+    def level(self, plan: DiffusersPlan, i: int) -> float:
+        """The scheduler's own sigma at its step index begin + i where it keeps a sigma per
+        step (the Euler and DPM-Solver families), else sqrt((1 - alpha_bar_t) / alpha_bar_t)."""
+        if i == len(plan):
+            return 0.0
+        sigmas = getattr(plan.template, "sigmas", None)
+        if isinstance(sigmas, torch.Tensor) and sigmas.ndim == 1 and plan.begin + i < len(sigmas):
+            return float(sigmas[plan.begin + i])
+        t = int(plan.timesteps[i])
+        return ve_sigma(plan.template.alphas_cumprod[t])
 
 
 def _generators_from(z: torch.Tensor) -> list[torch.Generator]:

@@ -30,6 +30,7 @@ import torch
 
 from .contract import Carry, Denoiser, Noise, check_eta, check_noise
 from .schedule import StepIndexed, Prediction, TrainSchedule, check_num_steps
+from .tail import slice_steps, ve_sigma, vp_noised
 
 ORIGINAL_INFERENCE_STEPS = 50  # the distillation grid of the released LCM checkpoints
 TIMESTEP_SCALING = 10.0        # LCMScheduler's default: sharpens c_skip / c_out around t = 0
@@ -43,6 +44,7 @@ class LCMPlan(StepIndexed):
     timesteps: torch.Tensor                  # (N,) int64, strictly decreasing
     prediction_type: Prediction
     clip_range: float | None
+    alpha_bar: torch.Tensor                  # (N,) float32 at timesteps[i] (forward noising)
     sqrt_alpha_bar: tuple[torch.Tensor, ...]       # at timesteps[i]
     sqrt_one_minus: tuple[torch.Tensor, ...]       # sqrt(1 - alpha_bar) at timesteps[i]
     c_skip: tuple[torch.Tensor, ...]
@@ -94,7 +96,7 @@ def lcm_plan(schedule: TrainSchedule, num_steps: int) -> LCMPlan:
         co.append(scaled / (scaled**2 + SIGMA_DATA**2) ** 0.5)
     return LCMPlan(timesteps=timesteps, prediction_type=config.prediction_type,
                    clip_range=config.clip_sample_range if config.clip_sample else None,
-                   sqrt_alpha_bar=tuple(sab), sqrt_one_minus=tuple(som), c_skip=tuple(cs),
+                   alpha_bar=alphas_cumprod[timesteps], sqrt_alpha_bar=tuple(sab), sqrt_one_minus=tuple(som), c_skip=tuple(cs),
                    c_out=tuple(co), sqrt_alpha_bar_next=tuple(sab_next),
                    sqrt_one_minus_next=tuple(som_next))
 
@@ -121,6 +123,22 @@ class LCM:
     def model_calls(self, plan: LCMPlan, i: int) -> int:
         plan.check_index(i)
         return 1
+
+    def tail(self, plan: LCMPlan, start: int) -> LCMPlan:
+        """Steps start..N-1 of this plan (each step is self-contained; the last one's re-noising
+        target is unchanged). diffusers' LCM img2img instead re-plans with
+        set_timesteps(N, strength), which thins the distillation grid to int(50 strength)
+        timesteps first; this is the plain tail of the txt2img plan."""
+        return slice_steps(plan, start)
+
+    def noised(self, plan: LCMPlan, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """LCMScheduler.add_noise: DDPM eq. 4 at the first timestep."""
+        if len(plan) == 0:
+            return x0
+        return vp_noised(plan.alpha_bar[:1], x0, noise)
+
+    def level(self, plan: LCMPlan, i: int) -> float:
+        return ve_sigma(plan.alpha_bar[i]) if i < len(plan) else 0.0
 
     def step(self, denoiser: Denoiser, plan: LCMPlan, i: int, x: torch.Tensor, carry: Carry,
              noise: Noise, *, eta: float) -> tuple[torch.Tensor, Carry]:

@@ -279,6 +279,10 @@ def to_x0_eps(
 class StepIndexed:
     """What every plan shares: one step per entry of `timesteps`, and the index check."""
 
+    # Model calls per user-facing step (diffusers' scheduler `order`): 2 for diffusers'
+    # HeunDiscrete / KDPM2 through the adapter, whose plans have one step per call; else 1.
+    calls_per_step = 1
+
     def __len__(self) -> int:
         return self.timesteps.shape[0]
 

@@ -30,6 +30,7 @@ from .ddim import ddim_needs_noise, ddim_plan, ddim_step
 from .ddpm import ddpm_needs_noise, ddpm_plan, ddpm_step
 from .schedule import SamplingPlan, TrainSchedule
 from .spacing import sigma_plan
+from .tail import slice_steps, ve_noised, ve_sigma, vp_noised
 
 # ----------------------------------------------------------------------------------------------
 # VP space: DDIM and DDPM, the model called at integer timesteps (bit-exact with diffusers).
@@ -67,6 +68,19 @@ class VPStepper:
         x0, eps = denoiser.vp(x, int(plan.timesteps[i]), float(plan.alpha_bar[i]))
         z = noise[0] if noise else None
         return self.step_fn(plan, i, x, x0, eps, eta=eta, noise=z), None
+
+    def tail(self, plan: SamplingPlan, start: int) -> SamplingPlan:
+        """Steps start..N-1: every per-step value slices. DDIM's t_prev = t - T // N keeps the
+        full plan's stride and DDPM's t_prev is the next planned timestep, as in diffusers."""
+        return slice_steps(plan, start)
+
+    def noised(self, plan: SamplingPlan, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        if len(plan) == 0:
+            return x0
+        return vp_noised(plan.alpha_bar[:1], x0, noise)
+
+    def level(self, plan: SamplingPlan, i: int) -> float:
+        return ve_sigma(plan.alpha_bar[i]) if i < len(plan) else 0.0
 
 
 DDIM = VPStepper("ddim", ddim_plan, ddim_needs_noise, ddim_step)
@@ -119,6 +133,20 @@ class _SigmaStepper:
     def model_calls(self, plan: SigmaPlan, i: int) -> int:
         plan.check_index(i)
         return 1
+
+    def tail(self, plan: SigmaPlan, start: int) -> SigmaPlan:
+        """sigmas[start:] and timesteps[start:]: k-diffusion's sampling from a sliced sigma list,
+        diffusers' set_begin_index. Multistep history (LMS's slopes, DPM++ 2M's x0) is the
+        carry, None at the tail's first step, so the order restarts there (LMS: 1, 2, 3, 4)."""
+        return slice_steps(plan, start)
+
+    def noised(self, plan: SigmaPlan, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        if len(plan) == 0:
+            return x0
+        return ve_noised(plan.sigmas[:1], x0, noise)
+
+    def level(self, plan: SigmaPlan, i: int) -> float:
+        return float(plan.sigmas[i])
 
     def _begin(self, plan: SigmaPlan, i: int, x: torch.Tensor, noise: Noise,
                eta: float) -> tuple[int, float, float, Noise]:

@@ -28,6 +28,7 @@ step bit for bit on the CPU (tests/test_unipc_lcm.py). UniPC has no clip_sample 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,6 +36,7 @@ import torch
 
 from .contract import Carry, Denoiser, Noise, check_eta, check_noise, sigma_table
 from .schedule import StepIndexed, Prediction, TrainSchedule, check_num_steps
+from .tail import check_x0_noise, slice_steps
 
 ORDER = 2  # diffusers' default solver_order (the paper's recommendation for guided sampling)
 
@@ -202,6 +204,37 @@ class UniPC:
             d1 = (m_prev - m) / plan.r[i].to(dev)
             x_next = x_next - plan.a_bh[i].to(dev) * (0.5 * d1)
         return x_next.to(x.dtype), UniPCCarry(last_sample=x, m_prev=m, m_prev2=m_prev)
+
+    def tail(self, plan: UniPCPlan, start: int) -> UniPCPlan:
+        """Steps start..N-1 with the warm-up restarted: the order of tail step j is
+        min(2, N - start - j, j + 1), so the tail's first step is a first-order UniP with no
+        corrector (no carry), as diffusers' UniPC after set_begin_index, whose lower_order_nums
+        and last_sample start at 0 and None. Every other per-step scalar depends only on the
+        step's own levels and slices; r and rho_c go with order 2 and are dropped for order 1."""
+        tail = slice_steps(plan, start)
+        if tail is plan:
+            return plan
+        order = tuple(min(p, j + 1) for j, p in enumerate(tail.order))
+        keep = [p == 2 for p in order]
+        return dataclasses.replace(
+            tail, order=order,
+            r=tuple(r if k else None for r, k in zip(tail.r, keep)),
+            rho_c=tuple(rho if k else None for rho, k in zip(tail.rho_c, keep)))
+
+    def noised(self, plan: UniPCPlan, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """alpha_0 x0 + sigma_0 alpha_0 z with alpha_0 = 1 / sqrt(sigma_0^2 + 1), i.e.
+        sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) z, in diffusers' UniPC add_noise arithmetic
+        (the plan's sigma_0 cast to the sample's dtype, then _sigma_to_alpha_sigma_t)."""
+        if len(plan) == 0:
+            return x0
+        noise = check_x0_noise(x0, noise)
+        sigma = plan.sigmas[:1].to(device=x0.device, dtype=x0.dtype)
+        sigma = sigma.reshape(-1, *([1] * (x0.ndim - 1)))
+        alpha_t, sigma_t = _alpha_sigma(sigma)
+        return alpha_t * x0 + sigma_t * noise
+
+    def level(self, plan: UniPCPlan, i: int) -> float:
+        return float(plan.sigmas[i])
 
     @staticmethod
     def _correct(plan: UniPCPlan, j: int, carry: UniPCCarry, x: torch.Tensor,

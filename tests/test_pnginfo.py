@@ -15,7 +15,8 @@ from ldm_engine import modelhash
 from ldm_engine.cli import main
 from ldm_engine.components import TEXT_WEIGHTS, UNET_WEIGHTS, VAE_WEIGHTS
 from ldm_engine.errors import UserInputError
-from pipelines import GenerationParams, InexactRemakeWarning, TextToImage, read_png_params
+from pipelines import (GenerationParams, HiresFix, InexactRemakeWarning, TextToImage,
+                       read_png_params)
 from pipelines.pnginfo import (escape_prompt, format_parameters, parse_parameters, save_png,
                                unescape_prompt)
 
@@ -119,8 +120,7 @@ A1111_TEXT = (
     "Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Denoising strength: 0.7, Clip skip: 2, "
     'Hires upscale: 2, Hires upscaler: Latent, Lora hashes: "add_detail: 7c6bad76eb54", '
     "Eta: 0.67, Version: v1.10.1")
-NOT_HONOURED = ["Denoising strength", "Hires upscale",
-                "Hires upscaler", "Lora hashes", "Eta"]
+NOT_HONOURED = ["Lora hashes", "Eta"]
 
 
 def test_a1111_fields_we_cannot_honour_are_named_in_a_warning():
@@ -134,6 +134,8 @@ def test_a1111_fields_we_cannot_honour_are_named_in_a_warning():
         (2, "ddim", 7.0, 1234, 64, 64)
     assert (p.model, p.model_hash, p.eta, p.dtype, p.deep_cache, p.clip_skip) == \
         ("v1-5-pruned-emaonly", "6ce0161689", 0.0, "fp32", 1, 2)
+    # The hires fix is honoured: A1111's upscale, upscaler and second-pass strength.
+    assert p.hires == HiresFix(scale=2.0, upscaler="latent", steps=0, strength=0.7)
 
 
 def test_old_eight_digit_model_hash_and_civitai_hashes_are_read():

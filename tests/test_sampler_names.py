@@ -12,6 +12,7 @@ import pytest
 import pipelines.sampler_names as names
 from ldm_engine.cli import main
 from ldm_engine.errors import UserInputError
+from pipelines.txt2img import default_eta
 from pipelines import GenerationParams
 from pipelines.pnginfo import (InexactRemakeWarning, format_parameters, parse_parameters,
                               read_png_text)
@@ -45,7 +46,8 @@ def full(monkeypatch):
 
 
 def _params(sampler: str) -> GenerationParams:
-    return GenerationParams(prompt="p", steps=3, sampler=sampler, height=8, width=8, seed=1)
+    return GenerationParams(prompt="p", steps=3, sampler=sampler, height=8, width=8, seed=1,
+                            eta=default_eta(sampler))
 
 
 @pytest.mark.parametrize("name, display", DISPLAY.items())
