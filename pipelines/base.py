@@ -118,6 +118,9 @@ class Start:
     # Extra UNet input channels, (B, k, h, w), concatenated after the latents at every call:
     # mask and masked-image latents for 9-channel inpainting UNets (never scaled by c_in).
     conditioning: torch.Tensor | None = None
+    # The text conditioning when it is not the prompts' (interpolation, text-diff edits make
+    # one per image); None: the batch's prompts and negative prompts.
+    guidance: Guidance | None = None
     then: Callable[[torch.Tensor], "Start"] | None = None
     finish: Callable[[torch.Tensor], torch.Tensor] | None = None
     passes: int = 1
@@ -130,11 +133,22 @@ class Mode:
     name: str = ""
     request: type = GenerationParams
 
+    def expand(self, request: GenerationParams, num_images: int) -> list[GenerationParams]:
+        """The per-image requests of one request: image j gets seed + j (A1111's rule, so it
+        equals a single generation with that seed). Sequence modes (interpolation frames, edit
+        amounts) make their own."""
+        return [request.replace(seed=request.seed + j) for j in range(num_images)]
+
     def size(self, pipe: "Pipeline", request: GenerationParams) -> tuple[int, int]:
         """The generation's (height, width): the request's, else the model's native size."""
         native = pipe.components.unet.config.sample_size * pipe.components.vae_factor
         return (native if request.height is None else request.height,
                 native if request.width is None else request.width)
+
+    def shared(self, request: GenerationParams) -> GenerationParams:
+        """What all images of one batch must share: everything but prompts and seed (and what
+        a sequence mode sets per image)."""
+        return request.replace(prompt="", negative_prompt="", seed=0)
 
     def largest(self, pipe: "Pipeline", request: GenerationParams, height: int,
                 width: int) -> tuple[int, int]:
@@ -222,11 +236,6 @@ def requests_for(cls: type, prompt, negative_prompt, seed: int | None, num_image
                 for i, (p, q) in enumerate(zip(prompts, negatives))]
     except TypeError as e:              # e.g. a keyword this mode does not have
         raise UserInputError(str(e)) from None
-
-
-def _shared(r: GenerationParams):
-    """What all images of one batch must share: everything but prompts and seed."""
-    return r.replace(prompt="", negative_prompt="", seed=0)
 
 
 def _differences(wanted: GenerationParams, made: GenerationParams) -> list[str]:
@@ -448,8 +457,8 @@ class Pipeline:
         _check_count_arg("num_images", num_images)
         if not isinstance(allow_large, bool):
             raise UserInputError(f"allow_large must be True or False, got {allow_large!r}")
-        images = [r.replace(seed=r.seed + j) for r in requests for j in range(num_images)]
-        if any(_shared(r) != _shared(images[0]) for r in images):
+        images = [image for r in requests for image in mode.expand(r, num_images)]
+        if any(mode.shared(r) != mode.shared(images[0]) for r in images):
             raise UserInputError("requests in one batch may differ only in prompt, negative "
                                  "prompt and seed")
         batch = self._batch(mode, images, generator, allow_large)
@@ -458,9 +467,10 @@ class Pipeline:
             from .observe import ProgressBar
             observers.append(ProgressBar(batch.sampler.name))
         first = batch.first
-        guidance = self.guidance([r.prompt for r in images], [r.negative_prompt for r in images],
-                                 first.guidance_scale, first.clip_skip)
         start = mode.prepare(self, batch)
+        guidance = start.guidance or self.guidance(
+            [r.prompt for r in images], [r.negative_prompt for r in images],
+            first.guidance_scale, first.clip_skip)
         for o in observers:
             o.on_start(start.passes)
         try:
@@ -476,6 +486,7 @@ class Pipeline:
                 if start.then is None:
                     break
                 start, k = start.then(latents), k + 1
+                guidance = start.guidance or guidance
         finally:
             for o in observers:
                 o.on_end()

@@ -237,6 +237,71 @@ class OutpaintParams(InpaintParams):
             raise UserInputError(f"color must be three integers 0-255, got {self.color!r}")
 
 
+@dataclass(frozen=True, kw_only=True)
+class VariationParams(ImageToImageParams):
+    """Variations of an image (unCLIP's, made with DDIM inversion rather than a CLIP image
+    embedding): the image is inverted under its caption (`prompt`) to the noise latent that DDIM
+    with eta = 0 maps back to it (pipelines.inversion), then sampled from there with eta > 0 and
+    a fresh seed per variant. eta = 0 and strength 1 reconstruct the image; a smaller strength
+    re-noises from part-way down the inverted trajectory (closer variants)."""
+
+    sampler: str = "ddim"          # inversion is DDIM's: the only sampler a variation runs
+    # The stochastic part of DDIM (Song et al. 2021, eq. 16): 0 reconstructs, 1 is DDPM-like.
+    eta: float | None = 0.6
+    strength: float = 1.0
+    # Classifier-free guidance amplifies inversion error (Mokady et al. 2023): a low scale.
+    guidance_scale: float = 1.0
+
+    mode: ClassVar[str] = "vary"
+
+
+@dataclass(frozen=True, kw_only=True)
+class InterpolationParams(GenerationParams):
+    """A sequence of frames between two endpoints, each a (noise latent, text states) pair:
+    frame k of `frames` is made from slerp(z_start, z_end, t_k) and slerp(c_start, c_end, t_k),
+    t_k = k / (frames - 1) (unCLIP's interpolations). The start is (seed, prompt) or, with
+    init_image, the image's DDIM-inverted latent; the end is (end_seed, end_prompt) or end_image's."""
+
+    end_prompt: str = ""           # "" : the same prompt at both ends (interpolate the noise)
+    end_seed: int | None = None    # None: seed + 1
+    init_image: Image.Image | None = field(default=None, repr=False, compare=False)
+    init_image_hash: str = ""
+    end_image: Image.Image | None = field(default=None, repr=False, compare=False)
+    end_image_hash: str = ""
+    frames: int = 8
+    # Which frame this image is (0..frames-1): set per image by the run; None in a request.
+    frame: int | None = None
+
+    mode: ClassVar[str] = "interpolate"
+
+    def __post_init__(self) -> None:
+        for name in ("init_image", "end_image"):
+            image = getattr(self, name)
+            if image is not None:
+                if not isinstance(image, Image.Image):
+                    raise UserInputError(f"{name} must be a PIL image, got {type(image).__name__}")
+                object.__setattr__(self, name + "_hash", image_hash(image))
+
+
+@dataclass(frozen=True, kw_only=True)
+class EditParams(ImageToImageParams):
+    """A text-diff edit (unCLIP, Ramesh et al. 2022, Sec. 3.3): the image is DDIM-inverted under
+    its caption (`prompt`), then re-generated from that fixed noise with the conditioning moved
+    along the normalised difference of the captions' text states, toward `target_prompt`, by
+    each of `amounts` (one image each)."""
+
+    target_prompt: str = ""
+    amounts: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
+    # Which amount this image is: set per image by the run; None in a request.
+    amount: float | None = None
+    sampler: str = "ddim"
+    eta: float | None = 0.0
+    strength: float = 1.0
+    guidance_scale: float = 1.0
+
+    mode: ClassVar[str] = "edit"
+
+
 def check_strength(strength) -> None:
     if not _is_real(strength) or not 0 < strength <= 1:
         raise UserInputError(f"strength (denoising strength) must be a number in (0, 1], got "
