@@ -68,7 +68,9 @@ class Components:
 
     @property
     def latent_channels(self) -> int:
-        return self.unet.config.in_channels
+        # The VAE's, not unet.in_channels: a 9-channel inpainting UNet reads 4 latent channels
+        # plus a mask and masked-image latents.
+        return self.vae.config.latent_channels
 
     @property
     def shape(self) -> ModelShape:

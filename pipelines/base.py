@@ -250,11 +250,6 @@ def _differences(wanted: GenerationParams, made: GenerationParams) -> list[str]:
     return out
 
 
-def batch_seeds(batch: Batch, images: Sequence[GenerationParams]) -> list[int]:
-    """The seed each image records: its request's, or its user generator's initial seed."""
-    return [g.initial_seed() for g in batch.generators]
-
-
 def _check_count_arg(name: str, value) -> None:
     import numbers
     if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
@@ -496,7 +491,8 @@ class Pipeline:
         made_with = dict(self.pixel_settings(), model=self.name, model_hash=self.model_hash)
         params = [r.replace(height=batch.height, width=batch.width, eta=batch.eta,
                             sampler=batch.sampler.name, seed=seed, **made_with)
-                  for r, seed in zip(images, batch_seeds(batch, images))]
+                  # The seed each image records: its request's, or its user generator's.
+                  for r, seed in zip(images, [g.initial_seed() for g in batch.generators])]
         return GenerationResult(self.to_pil(pixels), pixels.cpu(), latents.float().cpu(), params)
 
     def regenerate(self, params: GenerationParams, *, progress: bool = True,

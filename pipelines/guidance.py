@@ -16,15 +16,15 @@ from dataclasses import dataclass
 
 import torch
 
-# (x_t (B,C,h,w), t scalar tensor, text states (B,77,D)) -> network output (B,C,h,w)
+# (x_t (B,C,h,w), t scalar tensor, text states (B,77k,D)) -> network output (B,C,h,w)
 UNetFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
 class Guidance:
     scale: float
-    cond: torch.Tensor            # (B, 77, D) text states for the prompts
-    uncond: torch.Tensor | None   # (B, 77, D) for the negative prompts; None when scale == 1
+    cond: torch.Tensor            # (B, 77k, D) text states for the prompts (k 75-token windows)
+    uncond: torch.Tensor | None   # (B, 77k, D) for the negative prompts; None when scale == 1
 
     @property
     def active(self) -> bool:
@@ -37,7 +37,7 @@ class Guidance:
         """
         if not self.active:
             return lambda x, t: unet(x, t, self.cond)
-        states = torch.cat([self.uncond, self.cond])   # (2B, 77, D), built once per generation
+        states = torch.cat([self.uncond, self.cond])   # (2B, 77k, D), built once per generation
         w = self.scale
 
         def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

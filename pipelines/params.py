@@ -155,6 +155,9 @@ class ImageToImageParams(GenerationParams):
             if not isinstance(self.init_image, Image.Image):
                 raise UserInputError(f"init_image must be a PIL image (pipelines.images."
                                      f"load_image reads files), got {type(self.init_image).__name__}")
+            if self.init_image.mode != "RGB" or "transparency" in self.init_image.info:
+                from .images import load_image      # converts, with an ImageConvertedWarning
+                object.__setattr__(self, "init_image", load_image(self.init_image))
             object.__setattr__(self, "init_image_hash", image_hash(self.init_image))
 
     def check_mode(self, vae_factor: int = 8) -> None:
@@ -191,6 +194,9 @@ class InpaintParams(ImageToImageParams):
             if not isinstance(self.mask, Image.Image):
                 raise UserInputError(f"mask must be a PIL image (pipelines.images.load_mask reads "
                                      f"files), got {type(self.mask).__name__}")
+            if self.mask.mode != "L":
+                from .images import load_mask       # to "L", saying how when it is not plain
+                object.__setattr__(self, "mask", load_mask(self.mask))
             object.__setattr__(self, "mask_hash", image_hash(self.mask))
 
     def check_mode(self, vae_factor: int = 8) -> None:
@@ -251,8 +257,14 @@ class VariationParams(ImageToImageParams):
     strength: float = 1.0
     # Classifier-free guidance amplifies inversion error (Mokady et al. 2023): a low scale.
     guidance_scale: float = 1.0
+    # Inversion is of the posterior mean, so it is a function of the image alone.
+    init_latents: InitLatents = "mode"
 
     mode: ClassVar[str] = "vary"
+
+    def check_mode(self, vae_factor: int = 8) -> None:
+        super().check_mode(vae_factor)
+        check_inversion(self, "a variation")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -268,6 +280,8 @@ class InterpolationParams(GenerationParams):
     init_image_hash: str = ""
     end_image: Image.Image | None = field(default=None, repr=False, compare=False)
     end_image_hash: str = ""
+    # How init_image and end_image are fitted to the generation size (as image to image).
+    resize_mode: ResizeMode = "just-resize"
     frames: int = 8
     # Which frame this image is (0..frames-1): set per image by the run; None in a request.
     frame: int | None = None
@@ -281,6 +295,28 @@ class InterpolationParams(GenerationParams):
                 if not isinstance(image, Image.Image):
                     raise UserInputError(f"{name} must be a PIL image, got {type(image).__name__}")
                 object.__setattr__(self, name + "_hash", image_hash(image))
+
+    def check_mode(self, vae_factor: int = 8) -> None:
+        if self.hires is not None:
+            raise UserInputError("the hires fix is a text-to-image option, not an interpolation's")
+        if not isinstance(self.end_prompt, str):
+            raise UserInputError(f"end_prompt must be a string, got "
+                                 f"{type(self.end_prompt).__name__}")
+        _check_count("frames", self.frames)
+        if self.frames < 2:
+            raise UserInputError(f"an interpolation needs frames >= 2 (its two ends), got "
+                                 f"{self.frames}")
+        if self.frame is not None:
+            _check_count("frame", self.frame, zero=True)
+            if self.frame >= self.frames:
+                raise UserInputError(f"frame {self.frame} is out of range for {self.frames} "
+                                     f"frames (0 to {self.frames - 1})")
+        if self.end_seed is not None:
+            check_seed(self.end_seed)
+        _check_choice("resize_mode", self.resize_mode, ResizeMode)
+        if (self.init_image is not None or self.end_image is not None) and self.sampler != "ddim":
+            raise UserInputError(f"an interpolation from images starts from their DDIM "
+                                 f"inversions: the sampler must be ddim, got {self.sampler!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -298,8 +334,37 @@ class EditParams(ImageToImageParams):
     eta: float | None = 0.0
     strength: float = 1.0
     guidance_scale: float = 1.0
+    init_latents: InitLatents = "mode"
 
     mode: ClassVar[str] = "edit"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.amounts, list):          # a list from JSON or the CLI: kept as a tuple
+            object.__setattr__(self, "amounts", tuple(self.amounts))
+
+    def check_mode(self, vae_factor: int = 8) -> None:
+        super().check_mode(vae_factor)
+        check_inversion(self, "a text-diff edit")
+        if not isinstance(self.target_prompt, str) or not self.target_prompt.strip():
+            raise UserInputError("a text-diff edit needs a target_prompt (the caption to move "
+                                 "toward)")
+        if not isinstance(self.amounts, tuple) or not self.amounts:
+            raise UserInputError(f"amounts must be a non-empty list of numbers, got "
+                                 f"{self.amounts!r}")
+        for a in self.amounts + (() if self.amount is None else (self.amount,)):
+            if not _is_real(a) or not math.isfinite(a):
+                raise UserInputError(f"every edit amount must be a finite number, got {a!r}")
+
+
+def check_inversion(request: ImageToImageParams, what: str) -> None:
+    """What a mode built on DDIM inversion (pipelines.inversion) needs of its request."""
+    if request.sampler != "ddim":
+        raise UserInputError(f"{what} runs DDIM from the image's DDIM inversion: the sampler "
+                             f"must be ddim, got {request.sampler!r}")
+    if request.init_latents != "mode":
+        raise UserInputError(f"{what} inverts the image's posterior mean: init_latents must be "
+                             f"'mode', got {request.init_latents!r}")
 
 
 def check_strength(strength) -> None:

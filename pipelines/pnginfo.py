@@ -61,8 +61,8 @@ from ldm_engine.fsutil import atomic_path
 
 from schedulers import get_sampler
 
-from .params import (GenerationParams, HiresFix, ImageToImageParams, InpaintParams,
-                     OutpaintParams)
+from .params import (EditParams, GenerationParams, HiresFix, ImageToImageParams, InpaintParams,
+                     InterpolationParams, OutpaintParams, VariationParams)
 from .sampler_names import a1111_fields, from_a1111, sampler_names
 
 
@@ -95,6 +95,11 @@ HIRES = ("Hires upscale", "Hires steps", "Hires upscaler", "Denoising strength")
 IMG2IMG = ("Denoising strength", "Init image hash", "Resize mode", "Init latents")
 INPAINT = IMG2IMG + ("Mask blur", "Mask hash", "Inpaint area", "Masked area padding")
 OUTPAINT = INPAINT + ("Outpaint", "Outpaint fill", "Outpaint color", "Outpaint overlap")
+# The unCLIP modes (pipelines.unclip): a variation's strength is its own key, which marks it.
+VARY = ("Variation strength", "Init image hash", "Resize mode", "Init latents")
+INTERPOLATE = ("Interpolate to", "Interpolate seed", "Frames", "Frame", "Init image hash",
+               "End image hash", "Resize mode")
+EDIT = IMG2IMG + ("Edit target", "Edit amounts", "Edit amount")
 # A1111's upscaler names; its img2img "Resize mode" names.
 UPSCALER_NAMES = {"latent": "Latent", "latent-bicubic": "Latent (bicubic)",
                   "latent-nearest": "Latent (nearest)", "lanczos": "Lanczos"}
@@ -197,15 +202,37 @@ def _mode_settings(p: GenerationParams) -> Iterator[tuple[str, str]]:
             yield "Hires steps", str(p.hires.steps)
         yield "Hires upscaler", _quote(UPSCALER_NAMES[p.hires.upscaler])
         yield "Denoising strength", _num(p.hires.strength)
+    if isinstance(p, InterpolationParams):
+        check_storable([p.end_prompt], "end prompt")
+        yield "Interpolate to", _quote(p.end_prompt)
+        if p.end_seed is not None:
+            yield "Interpolate seed", str(p.end_seed)
+        yield "Frames", str(p.frames)
+        if p.frame is not None:
+            yield "Frame", str(p.frame)
+        if p.init_image_hash:
+            yield "Init image hash", p.init_image_hash
+        if p.end_image_hash:
+            yield "End image hash", p.end_image_hash
+        if p.resize_mode != "just-resize":
+            yield "Resize mode", _quote(RESIZE_NAMES[p.resize_mode])
+        return
     if not isinstance(p, ImageToImageParams):
         return
-    yield "Denoising strength", _num(p.strength)
+    yield ("Variation strength" if isinstance(p, VariationParams) else "Denoising strength",
+           _num(p.strength))
     if p.init_image_hash:
         yield "Init image hash", p.init_image_hash
     if p.resize_mode != "just-resize":
         yield "Resize mode", _quote(RESIZE_NAMES[p.resize_mode])
     if p.init_latents != "sample":
         yield "Init latents", p.init_latents
+    if isinstance(p, EditParams):
+        check_storable([p.target_prompt], "target prompt")
+        yield "Edit target", _quote(p.target_prompt)
+        yield "Edit amounts", " ".join(_num(a) for a in p.amounts)
+        if p.amount is not None:
+            yield "Edit amount", _num(p.amount)
     if not isinstance(p, InpaintParams):
         return
     yield "Mask blur", str(p.mask_blur)
@@ -280,7 +307,8 @@ def parse_parameters(text: str) -> GenerationParams:
     ignored = {"Eta", "Eta DDIM"} - {eta_key}
     cls = _mode_class(settings)
     known = OPTIONAL + {GenerationParams: HIRES, ImageToImageParams: IMG2IMG,
-                        InpaintParams: INPAINT, OutpaintParams: OUTPAINT}[cls]
+                        InpaintParams: INPAINT, OutpaintParams: OUTPAINT, VariationParams: VARY,
+                        InterpolationParams: INTERPOLATE, EditParams: EDIT}[cls]
     unknown = [k for k in settings
                if k not in REQUIRED and (k not in known or k in ignored)]
     if unknown:
@@ -307,6 +335,12 @@ def _mode_class(settings: dict[str, str]) -> type:
     ("Denoising strength" without a hires fix), else text to image."""
     if "Outpaint" in settings:
         return OutpaintParams
+    if "Variation strength" in settings:
+        return VariationParams
+    if "Frames" in settings:
+        return InterpolationParams
+    if "Edit target" in settings:
+        return EditParams
     if "Mask blur" in settings or "Mask hash" in settings:
         return InpaintParams
     if "Denoising strength" in settings and "Hires upscale" not in settings:
@@ -316,6 +350,25 @@ def _mode_class(settings: dict[str, str]) -> type:
 
 def _mode_fields(cls: type, settings: dict[str, str]) -> dict:
     """The mode's own fields, read with the same strictness as the rest."""
+    if cls is InterpolationParams:
+        if "Interpolate to" not in settings:
+            raise UserInputError("PNG parameters: an interpolation (Frames) needs Interpolate to")
+        return {"end_prompt": settings["Interpolate to"],
+                "end_seed": (_count(settings, "Interpolate seed", high=MAX_SEED)
+                             if "Interpolate seed" in settings else None),
+                "frames": _count(settings, "Frames", low=2, high=100_000),
+                "frame": (_count(settings, "Frame", high=100_000)
+                          if "Frame" in settings else None),
+                "init_image_hash": _image_hash(settings, "Init image hash"),
+                "end_image_hash": _image_hash(settings, "End image hash"),
+                "resize_mode": _named(settings, "Resize mode", RESIZE_NAMES, "just-resize")}
+    if cls is VariationParams:
+        return {"strength": _float(settings, "Variation strength", low=0.0),
+                "init_image_hash": _image_hash(settings, "Init image hash"),
+                "resize_mode": _named(settings, "Resize mode", RESIZE_NAMES, "just-resize"),
+                "init_latents": _choice(settings, "Init latents", ("sample", "mode"), "sample")}
+    if cls is EditParams:
+        return _edit_fields(settings)
     if cls is GenerationParams:
         if "Hires upscale" not in settings:
             return {}
@@ -351,6 +404,22 @@ def _mode_fields(cls: type, settings: dict[str, str]) -> dict:
     out["color"] = tuple(int(color[k:k + 2], 16) for k in (1, 3, 5))
     out["overlap"] = _count(settings, "Outpaint overlap", default=8, high=100_000)
     return out
+
+
+def _edit_fields(settings: dict[str, str]) -> dict:
+    """A text-diff edit's fields: image to image's, the target caption and the amounts."""
+    raw = settings.get("Edit amounts", "")
+    words = raw.split(" ")
+    if not raw or len(words) > 1000:
+        raise UserInputError(f"PNG parameters: Edit amounts must be 1 to 1000 numbers "
+                             f"separated by spaces, got {_clip(raw)!r}")
+    return {"strength": _float(settings, "Denoising strength", default=1.0, low=0.0),
+            "init_image_hash": _image_hash(settings, "Init image hash"),
+            "resize_mode": _named(settings, "Resize mode", RESIZE_NAMES, "just-resize"),
+            "init_latents": _choice(settings, "Init latents", ("sample", "mode"), "sample"),
+            "target_prompt": settings["Edit target"],
+            "amounts": tuple(_float({"Edit amounts": w}, "Edit amounts") for w in words),
+            "amount": (_float(settings, "Edit amount") if "Edit amount" in settings else None)}
 
 
 def _named(settings: dict[str, str], key: str, names: dict[str, str], default: str) -> str:

@@ -11,12 +11,19 @@ from ldm_engine.errors import UserInputError
 
 from .base import Mode, Pipeline
 from .img2img import ImageToImage
+from .inpaint import Inpaint, Outpaint
 from .params import GenerationParams
 from .txt2img import TextToImage
+from .unclip import Edit, Interpolate, Vary
 
 PIPELINES: dict[str, type[Pipeline]] = {
     "txt2img": TextToImage,
     "img2img": ImageToImage,
+    "inpaint": Inpaint,
+    "outpaint": Outpaint,
+    "vary": Vary,
+    "interpolate": Interpolate,
+    "edit": Edit,
 }
 
 

@@ -13,7 +13,7 @@ from ldm_engine.errors import UserInputError
 from .base import Batch, GenerationResult, Mode, Pipeline, Start, requests_for
 from .img2img import noised_start
 from .observe import Observer
-from .params import GenerationParams, HiresFix
+from .params import GenerationParams, HiresFix, check_steps
 
 
 def inpainting_channels(pipe: Pipeline) -> int:
@@ -57,7 +57,11 @@ class TextToImageMode(Mode):
                 raise UserInputError(f"hires scale {hires.scale} leaves {batch.width}x"
                                      f"{batch.height} unchanged; use a larger scale")
             # The second pass's plan must exist too (steps against the training timesteps).
-            batch.plan(hires.steps or batch.first.steps)
+            try:
+                check_steps(hires.steps or batch.first.steps, batch.first.sampler,
+                            pipe.components.schedule)
+            except UserInputError as e:
+                raise UserInputError(f"hires {e}") from None
 
     def prepare(self, pipe: Pipeline, batch: Batch) -> Start:
         c = pipe.components
