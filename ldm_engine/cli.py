@@ -64,9 +64,9 @@ MODE_FIELDS = {
     "generate": (),
     "img2img": ("strength", "resize_mode", "init_latents"),
     "inpaint": ("strength", "resize_mode", "init_latents", "mask_blur", "only_masked",
-                "padding"),
+                "padding", "overlay"),
     "outpaint": ("strength", "mask_blur", "left", "right", "top", "bottom", "fill", "color",
-                 "overlap"),
+                 "overlap", "overlay"),
     "vary": ("strength", "resize_mode"),
     "interpolate": ("end_prompt", "end_seed", "frames"),
     "edit": ("target_prompt", "amounts", "strength", "resize_mode"),
@@ -345,7 +345,7 @@ def _check_request_early(request: GenerationParams, model: Path, shape: ModelSha
     num_images is how many the run makes (the size limits), seeds how many seeds it uses
     (seed, seed + 1, ...: a sequence's frames share one).
     """
-    from pipelines.base import as_prompt_list
+    from pipelines.modes import as_prompt_list
     from pipelines.params import check_request, check_seed
     from pipelines.pnginfo import check_storable
     from schedulers import load_schedule_config
@@ -612,6 +612,13 @@ def request_source() -> tuple[dict[str, dict[str, object]], dict[str, tuple[str,
     return classes, literals
 
 
+def _add_overlay(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--overlay", action=argparse.BooleanOptionalAction,
+                        help="paste the input's own pixels back outside the (blurred) mask "
+                             "after decoding, as AUTOMATIC1111 does; off by default, as in "
+                             "diffusers (the kept region is then the VAE's round trip)")
+
+
 def _choices(literal: str) -> tuple[str, ...]:
     return request_source()[1][literal]
 
@@ -841,6 +848,7 @@ def _image_commands(sub) -> None:
                         "paste it back: more detail for small regions")
     n.add_argument("--padding", type=int, metavar="PX",
                    help="pixels around the mask's box with --only-masked (default {=padding})")
+    _add_overlay(n)
     _add_strength(n, "1 repaints the masked part from noise, lower keeps more of it")
     _add_resize(n)
     n.add_argument("--init-latents", choices=_choices("InitLatents"),
@@ -867,6 +875,7 @@ def _image_commands(sub) -> None:
                    help="the border colour for --fill color (default {=color})")
     o.add_argument("--overlap", type=int, metavar="PX",
                    help="pixels of the original repainted along each seam (default {=overlap})")
+    _add_overlay(o)
     o.add_argument("--mask-blur", type=int, metavar="PX",
                    help="blur radius of the border mask's edge (default {=mask_blur})")
     _add_strength(o, "1 paints the border from noise, lower keeps more of the fill")

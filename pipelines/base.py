@@ -8,7 +8,7 @@ import os
 import random
 import threading
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,10 +22,11 @@ from ldm_engine.limits import check_memory, check_size, device_memory
 from ldm_engine.modelhash import model_hash
 from ldm_engine.precision import DTYPES, resolve_device, resolve_dtype
 
-from schedulers import Plan, Sampler, TrainSchedule, get_sampler, make_denoiser, train_schedule
+from schedulers import get_sampler, make_denoiser, train_schedule
 
 from .guidance import Guidance, UNetFn
-from .loop import StepHook, denoise, per_image_noise
+from .loop import denoise
+from .modes import Batch, check_count
 from .observe import Observer, as_observers
 from .params import GenerationParams, check_request, check_seed
 from .pnginfo import save_png
@@ -76,114 +77,12 @@ class GenerationResult:
         return paths
 
 
-@dataclass(frozen=True, eq=False)
-class Batch:
-    """What Pipeline.run hands a mode: the per-image requests (each with its own seed; every
-    other field but the prompts equal), checked, with their generators and the sampler."""
-
-    requests: tuple[GenerationParams, ...]
-    generators: list[torch.Generator]
-    height: int                      # the generation size, resolved (mode.size)
-    width: int
-    eta: float                       # resolved: the sampler's own when the request has None
-    sampler: Sampler
-    schedule: TrainSchedule
-
-    @property
-    def first(self) -> GenerationParams:
-        return self.requests[0]
-
-    def __len__(self) -> int:
-        return len(self.requests)
-
-    def plan(self, steps: int | None = None) -> Plan:
-        """The sampler's full plan of `steps` (default: the request's) steps."""
-        return self.sampler.make_plan(self.schedule, self.first.steps if steps is None else steps)
-
-    def noise(self, shape: Sequence[int], device: torch.device) -> torch.Tensor:
-        """One standard-normal draw per image from its own generator, (B, *shape), float32."""
-        return per_image_noise((len(self), *shape), self.generators, device=device,
-                               dtype=torch.float32)
-
-
-@dataclass(frozen=True, eq=False)
-class Start:
-    """How a mode starts the one loop: latents at the plan's first noise level, the plan, and
-    what else the run needs. `then` chains a second pass (hires fix); `finish` post-processes
-    the decoded pixels (pasting an "only masked" crop back)."""
-
-    latents: torch.Tensor                                 # (B, C, h, w) float32
-    plan: Plan
-    hook: StepHook | None = None
-    # Extra UNet input channels, (B, k, h, w), concatenated after the latents at every call:
-    # mask and masked-image latents for 9-channel inpainting UNets (never scaled by c_in).
-    conditioning: torch.Tensor | None = None
-    # The text conditioning when it is not the prompts' (interpolation, text-diff edits make
-    # one per image); None: the batch's prompts and negative prompts.
-    guidance: Guidance | None = None
-    then: Callable[[torch.Tensor], "Start"] | None = None
-    finish: Callable[[torch.Tensor], torch.Tensor] | None = None
-    passes: int = 1
-
-
-class Mode:
-    """One generation mode: what it adds to the shared Pipeline.run. Stateless; subclasses
-    override what they need (pipelines.registry lists them by name)."""
-
-    name: str = ""
-    request: type = GenerationParams
-
-    def expand(self, request: GenerationParams, num_images: int) -> list[GenerationParams]:
-        """The per-image requests of one request: image j gets seed + j (A1111's rule, so it
-        equals a single generation with that seed). Sequence modes (interpolation frames, edit
-        amounts) make their own."""
-        return [request.replace(seed=request.seed + j) for j in range(num_images)]
-
-    def size(self, pipe: "Pipeline", request: GenerationParams) -> tuple[int, int]:
-        """The generation's (height, width): the request's, else the model's native size."""
-        native = pipe.components.unet.config.sample_size * pipe.components.vae_factor
-        return (native if request.height is None else request.height,
-                native if request.width is None else request.width)
-
-    def shared(self, request: GenerationParams) -> GenerationParams:
-        """What all images of one batch must share: everything but prompts and seed (and what
-        a sequence mode sets per image)."""
-        return request.replace(prompt="", negative_prompt="", seed=0)
-
-    def largest(self, pipe: "Pipeline", request: GenerationParams, height: int,
-                width: int) -> tuple[int, int]:
-        """The largest (height, width) any pass generates at (for the size and memory limits)."""
-        return height, width
-
-    def check(self, pipe: "Pipeline", batch: Batch) -> None:
-        """What only this mode can get wrong, checked before any compute."""
-
-    def prepare(self, pipe: "Pipeline", batch: Batch) -> Start:
-        raise NotImplementedError
-
-
 def output_paths(path: str | os.PathLike, n: int) -> list[Path]:
     """Where GenerationResult.save writes n images: path itself, or name-0.png, name-1.png, ..."""
     path = Path(path)
     if n == 1:
         return [path]
     return [path.with_name(f"{path.stem}-{k}{path.suffix or '.png'}") for k in range(n)]
-
-
-def as_prompt_list(prompt: str | Sequence[str], what: str = "prompt") -> list[str]:
-    """A prompt or a list of prompts as a list; anything else (5, None, bytes) is refused."""
-    if isinstance(prompt, str):
-        return [prompt]
-    if not isinstance(prompt, Sequence) or isinstance(prompt, (bytes, bytearray)):
-        raise UserInputError(f"{what} must be a string or a list of strings, "
-                             f"got {type(prompt).__name__}")
-    prompts = list(prompt)
-    if not prompts:
-        raise UserInputError(f"empty {what} list: give at least one {what}")
-    bad = [p for p in prompts if not isinstance(p, str)]
-    if bad:
-        raise UserInputError(f"every {what} must be a string, got {type(bad[0]).__name__}")
-    return prompts
 
 
 def make_generators(n: int, seed: int | None,
@@ -210,34 +109,6 @@ def make_generators(n: int, seed: int | None,
     return [torch.Generator("cpu").manual_seed(s) for s in seeds], seeds
 
 
-def requests_for(cls: type, prompt, negative_prompt, seed: int | None, num_images_per_prompt,
-                 **fields) -> list[GenerationParams]:
-    """One request per prompt for a diffusers-style call: negative prompts broadcast, fields
-    left None take the request type's defaults, and prompt i is seeded seed + i * k, so that the
-    batch's image j has seed + j (a random seed when None)."""
-    prompts = as_prompt_list(prompt)
-    negatives = as_prompt_list("" if negative_prompt is None else negative_prompt,
-                               "negative prompt")
-    if len(negatives) == 1:
-        negatives = negatives * len(prompts)
-    if len(negatives) != len(prompts):
-        raise UserInputError(
-            f"{len(negatives)} negative prompts for {len(prompts)} prompts: give one or one each")
-    import numbers
-    k = num_images_per_prompt
-    if not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 1:
-        raise UserInputError(f"num_images_per_prompt must be a positive integer, got {k!r}")
-    if seed is None:
-        seed = random.SystemRandom().randrange(2**32)
-    check_seed(seed, len(prompts) * int(k))
-    given = {name: value for name, value in fields.items() if value is not None}
-    try:
-        return [cls(prompt=p, negative_prompt=q, seed=int(seed) + i * int(k), **given)
-                for i, (p, q) in enumerate(zip(prompts, negatives))]
-    except TypeError as e:              # e.g. a keyword this mode does not have
-        raise UserInputError(str(e)) from None
-
-
 def _differences(wanted: GenerationParams, made: GenerationParams) -> list[str]:
     """How an image made with `made` can differ from the one `wanted` describes."""
     out = []
@@ -248,12 +119,6 @@ def _differences(wanted: GenerationParams, made: GenerationParams) -> list[str]:
         if getattr(wanted, field) != getattr(made, field):
             out.append(f"{field} {getattr(made, field)}, the image's is {getattr(wanted, field)}")
     return out
-
-
-def _check_count_arg(name: str, value) -> None:
-    import numbers
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-        raise UserInputError(f"{name} must be a positive integer, got {value!r}")
 
 
 def _placement(device: str | torch.device, dtype: str | torch.dtype, *, compile: bool,
@@ -449,7 +314,7 @@ class Pipeline:
         mode = mode_of(requests[0])
         if any(type(r) is not type(requests[0]) for r in requests):
             raise UserInputError("one batch runs one mode: the requests are of different types")
-        _check_count_arg("num_images", num_images)
+        check_count("num_images", num_images)
         if not isinstance(allow_large, bool):
             raise UserInputError(f"allow_large must be True or False, got {allow_large!r}")
         images = [image for r in requests for image in mode.expand(r, num_images)]

@@ -21,7 +21,8 @@ import torch
 from ldm_engine.errors import UserInputError
 from schedulers import Plan
 
-from .base import Batch, GenerationResult, Mode, Pipeline, Start, requests_for
+from .base import GenerationResult, Pipeline
+from .modes import Batch, Mode, Start, requests_for
 from .observe import Observer
 from .params import ImageToImageParams
 
@@ -75,17 +76,24 @@ class ImageToImageMode(Mode):
     def size(self, pipe, request):
         return size_of_image(pipe, request)
 
+    def shared(self, request):
+        """A batch may give each image its own init image (fitted to the first's size when no
+        size is given), as diffusers takes a list of images."""
+        return super().shared(request).replace(init_image=None, init_image_hash="")
+
     def check(self, pipe: Pipeline, batch: Batch) -> None:
         from .txt2img import inpainting_channels
 
-        require_image(batch.first)
+        for r in batch.requests:
+            require_image(r)
         inpainting_channels(pipe)
 
     def prepare(self, pipe: Pipeline, batch: Batch) -> Start:
         from .txt2img import blank_conditioning, inpainting_channels
 
         first = batch.first
-        pixels = init_pixels(first, len(batch), batch.height, batch.width)
+        pixels = torch.cat([init_pixels(r, 1, batch.height, batch.width)
+                            for r in batch.requests])                     # (B, 3, H, W)
         x0 = pipe.encode(pixels, batch.generators if first.init_latents == "sample" else None)
         x, plan, _ = noised_start(pipe, batch, x0, first.strength, first.steps)
         # An inpainting UNet repaints everything here: mask 1 over a grey image (A1111).

@@ -39,7 +39,8 @@ from PIL import Image
 
 from ldm_engine.errors import UserInputError
 
-from .base import Batch, GenerationResult, Mode, Pipeline, Start
+from .base import GenerationResult, Pipeline
+from .modes import Batch, Mode, Start
 from .img2img import ImageToImage, require_image, size_of_image
 from .images import (Region, binarize, blur_mask, crop_region, expand_to_aspect, extend_canvas,
                      fit_image, latent_mask, load_mask, mask_to_tensor, paste_back, to_tensor)
@@ -86,6 +87,17 @@ def _pixels_of(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image).astype(np.float32) / 255.0).permute(2, 0, 1)
 
 
+def _distinct(requests):
+    """One request per distinct (image, mask, seed-dependent canvas) input, in order."""
+    seen, out = set(), []
+    for r in requests:
+        key = (r.init_image_hash, r.mask_hash, getattr(r, "fill", None) == "noise" and r.seed)
+        if key not in seen:
+            seen.add(key)
+            out.append(r)
+    return out
+
+
 class InpaintMode(Mode):
     name = "inpaint"
     request = InpaintParams
@@ -108,24 +120,31 @@ class InpaintMode(Mode):
         return [prepare_input(*self.sources(r), r, batch.height, batch.width)
                 for r in batch.requests]
 
+    def shared(self, request):
+        """Each image of a batch may have its own image and mask (A1111's batch tab)."""
+        return super().shared(request).replace(init_image=None, init_image_hash="", mask=None,
+                                               mask_hash="")
+
     def check(self, pipe: Pipeline, batch: Batch) -> None:
         from .txt2img import inpainting_channels
 
-        self.require(batch.first)
+        for r in batch.requests:
+            self.require(r)
         inpainting_channels(pipe)
         f = pipe.components.vae_factor
-        first = batch.first
-        # PIL work only (blur, crop, resize): cheap next to one UNet call.
-        prepared = prepare_input(*self.sources(first), first, batch.height, batch.width)
-        m = binarize(mask_to_tensor(prepared.mask))
-        where = (f"after a mask blur of {first.mask_blur} px and fitting to "
-                 f"{batch.width}x{batch.height}")
-        if not m.any():
-            raise UserInputError(f"the mask is empty {where}: no pixel is at least half white "
-                                 "(white marks what to repaint)")
-        if not latent_mask(m, f).any():
-            raise UserInputError(f"the mask's white area is too small {where}: it covers no "
-                                 f"latent ({f}x{f} pixel block, sampled at its top-left pixel)")
+        for r in _distinct(batch.requests):
+            # PIL work only (blur, crop, resize): cheap next to one UNet call.
+            prepared = prepare_input(*self.sources(r), r, batch.height, batch.width)
+            m = binarize(mask_to_tensor(prepared.mask))
+            where = (f"after a mask blur of {r.mask_blur} px and fitting to "
+                     f"{batch.width}x{batch.height}")
+            if not m.any():
+                raise UserInputError(f"the mask is empty {where}: no pixel is at least half "
+                                     "white (white marks what to repaint)")
+            if not latent_mask(m, f).any():
+                raise UserInputError(f"the mask's white area is too small {where}: it covers "
+                                     f"no latent ({f}x{f} pixel block, sampled at its top-left "
+                                     "pixel)")
 
     def prepare(self, pipe: Pipeline, batch: Batch) -> Start:
         from .txt2img import inpainting_channels
@@ -167,7 +186,6 @@ class InpaintMode(Mode):
                 known = sampler.noised_to(plan, i + 1, x0, z)
                 return m * x + (1 - m) * known
 
-        finish = None
         if first.only_masked:
             def finish(decoded: torch.Tensor) -> torch.Tensor:
                 # The result has the source image's size, not the generation size: each crop is
@@ -177,6 +195,17 @@ class InpaintMode(Mode):
                 out = [_pixels_of(paste_back(r.source, crop, r.region, r.source_mask))
                        for r, crop in zip(inputs, crops)]
                 return torch.stack(out).to(decoded.device)
+        elif first.overlay:
+            def finish(decoded: torch.Tensor) -> torch.Tensor:
+                # A1111's overlay: the input's own pixels wherever the blurred mask keeps them,
+                # blended across its soft edge. Re-imposing the known latents alone does not
+                # keep the known pixels: the decoder's receptive field (and its mid-block
+                # attention) lets the repainted latents move every decoded pixel.
+                alpha = torch.cat([mask_to_tensor(r.mask) for r in inputs]).to(decoded.device)
+                known = (pixels.to(decoded.device) + 1) / 2                 # [-1, 1] -> [0, 1]
+                return alpha * decoded + (1 - alpha) * known
+        else:
+            finish = None
 
         return Start(latents=x, plan=plan, hook=hook, conditioning=conditioning, finish=finish)
 

@@ -185,6 +185,10 @@ class InpaintParams(ImageToImageParams):
     # pixels at the full generation size, then paste it back (detail for small regions).
     only_masked: bool = False
     padding: int = 32
+    # Paste the input's pixels back outside the blurred mask after decoding (A1111's overlay;
+    # "only masked" always pastes). Off by default: diffusers' pipeline does not, and its
+    # images are what the parity tests compare.
+    overlay: bool = False
 
     mode: ClassVar[str] = "inpaint"
 
@@ -203,8 +207,10 @@ class InpaintParams(ImageToImageParams):
         super().check_mode(vae_factor)
         _check_count("mask_blur", self.mask_blur, zero=True)
         _check_count("padding", self.padding, zero=True)
-        if not isinstance(self.only_masked, bool):
-            raise UserInputError(f"only_masked must be True or False, got {self.only_masked!r}")
+        for name in ("only_masked", "overlay"):
+            if not isinstance(getattr(self, name), bool):
+                raise UserInputError(f"{name} must be True or False, got "
+                                     f"{getattr(self, name)!r}")
         if (self.init_image is not None and self.mask is not None
                 and self.init_image.size != self.mask.size):
             raise UserInputError(f"the mask is {self.mask.width}x{self.mask.height} but the image "

@@ -93,7 +93,8 @@ OPTIONAL = ("Schedule type", "Model hash", "Model", "Eta DDIM", "Eta", "Clip ski
 # The fields of each mode beyond those (A1111's names where A1111 has the setting).
 HIRES = ("Hires upscale", "Hires steps", "Hires upscaler", "Denoising strength")
 IMG2IMG = ("Denoising strength", "Init image hash", "Resize mode", "Init latents")
-INPAINT = IMG2IMG + ("Mask blur", "Mask hash", "Inpaint area", "Masked area padding")
+INPAINT = IMG2IMG + ("Mask blur", "Mask hash", "Inpaint area", "Masked area padding",
+                     "Inpaint overlay")
 OUTPAINT = INPAINT + ("Outpaint", "Outpaint fill", "Outpaint color", "Outpaint overlap")
 # The unCLIP modes (pipelines.unclip): a variation's strength is its own key, which marks it.
 VARY = ("Variation strength", "Init image hash", "Resize mode", "Init latents")
@@ -241,6 +242,8 @@ def _mode_settings(p: GenerationParams) -> Iterator[tuple[str, str]]:
     if p.only_masked:
         yield "Inpaint area", _quote("Only masked")
         yield "Masked area padding", str(p.padding)
+    elif p.overlay:
+        yield "Inpaint overlay", "True"
     if not isinstance(p, OutpaintParams):
         return
     yield "Outpaint", " ".join(f"{side} {getattr(p, side)}" for side in SIDES
@@ -388,7 +391,8 @@ def _mode_fields(cls: type, settings: dict[str, str]) -> dict:
     out |= {"mask_blur": _count(settings, "Mask blur", default=4, high=1000),
             "mask_hash": _image_hash(settings, "Mask hash"),
             "only_masked": area == "Only masked",
-            "padding": _count(settings, "Masked area padding", default=32, high=100_000)}
+            "padding": _count(settings, "Masked area padding", default=32, high=100_000),
+            "overlay": _choice(settings, "Inpaint overlay", ("True", "False"), "False") == "True"}
     if cls is InpaintParams:
         return out
     words = settings["Outpaint"].split(" ")

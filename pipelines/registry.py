@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from ldm_engine.errors import UserInputError
 
-from .base import Mode, Pipeline
+from .base import Pipeline
+from .modes import Mode
 from .img2img import ImageToImage
 from .inpaint import Inpaint, Outpaint
 from .params import GenerationParams

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from ldm_engine.errors import UserInputError
 
-from .base import Batch, GenerationResult, Mode, Pipeline, Start, requests_for
+from .base import GenerationResult, Pipeline
+from .modes import Batch, Mode, Start, requests_for
 from .img2img import noised_start
 from .observe import Observer
 from .params import GenerationParams, HiresFix, check_steps

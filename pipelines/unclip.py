@@ -24,7 +24,8 @@ import torch
 from ldm_engine.errors import UserInputError
 from schedulers import strength_start
 
-from .base import Batch, GenerationResult, Mode, Pipeline, Start
+from .base import GenerationResult, Pipeline
+from .modes import Batch, Mode, Start
 from .guidance import Guidance
 from .img2img import ImageToImage, require_image, size_of_image
 from .inversion import image_x0, invert_rows

@@ -99,7 +99,7 @@ def test_converted_models_and_pngs_are_not_private(umask, tiny_dir, tmp_path):
     convert(tiny_dir, tmp_path / "folder")
     convert(tiny_dir, tmp_path / "model.safetensors")
     convert(tiny_dir, tmp_path / "model.ckpt")
-    save_png(Image.new("RGB", (8, 8)), tmp_path / "image.png", GenerationParams(prompt="a cat"))
+    save_png(Image.new("RGB", (8, 8)), tmp_path / "image.png", GenerationParams(prompt="a cat", height=8, width=8))
     for path in [tmp_path / "folder", *(tmp_path / "folder").rglob("*")]:
         want = 0o777 & ~umask if path.is_dir() else 0o666 & ~umask
         assert mode(path) == want, path

@@ -155,6 +155,20 @@ def test_batch_image_equals_single_with_its_seed(pipe):
     assert (many.pixels[0] - many.pixels[1]).abs().max() > 0.01
 
 
+def test_a_batch_may_give_each_image_its_own_init_image(pipe):
+    """Requests differing in their init image run as one batch (fitted to the first's size),
+    each equal to the same request alone; the PNG records each image's own hash."""
+    a, b = gradient(), gradient().transpose(Image.Transpose.ROTATE_90).resize((80, 48))
+    requests = [ImageToImageParams(prompt=PROMPTS[0], init_image=image, steps=3, strength=0.7,
+                                   seed=7) for image in (a, b)]
+    together = pipe.run(requests)
+    assert together.pixels.shape[-2:] == (64, 64)
+    for k, image in enumerate((a, b)):
+        alone = pipe.run(requests[k].replace(height=64, width=64))
+        assert (together.pixels[k] - alone.pixels[0]).abs().max() <= 1e-5
+    assert together.params[0].init_image_hash != together.params[1].init_image_hash
+
+
 # --- bad input before any compute --------------------------------------------------------------
 
 class Trapped(AssertionError):

@@ -283,3 +283,33 @@ def test_png_round_trip_and_regenerate(pipe):
     again = pipe.regenerate(back.replace(init_image=image, mask=mask), progress=False)
     assert torch.equal(again.latents, result.latents)
     assert torch.equal(again.pixels, result.pixels)
+
+
+def test_overlay_keeps_the_input_pixels_outside_the_mask(pipe):
+    """overlay=True (A1111's): after decoding, the input's own pixels where the blurred mask is
+    0, the decoded ones where it is 1, blended in between; without it every pixel is decoded."""
+    image, mask = _image(seed=4), _mask()
+    plain = pipe(PROMPT, image, mask, steps=2, seed=2, mask_blur=2, progress=False)
+    over = pipe(PROMPT, image, mask, steps=2, seed=2, mask_blur=2, overlay=True, progress=False)
+    alpha = mask_to_tensor(blur_mask(mask, 2))[0, 0]
+    source = to_tensor(image)[0].add(1).div(2)
+    keep, repaint = alpha == 0, alpha == 1
+    assert keep.sum() > 0 and repaint.sum() > 0
+    assert (over.pixels[0][:, keep] - source[:, keep]).abs().max() <= 1e-6
+    assert (plain.pixels[0][:, keep] - source[:, keep]).abs().max() > 0.05
+    assert torch.equal(over.pixels[0][:, repaint], plain.pixels[0][:, repaint])
+    assert torch.equal(over.latents, plain.latents)
+    assert parse_parameters(format_parameters(over.params[0])).overlay is True
+
+
+def test_a_batch_may_give_each_image_its_own_image_and_mask(pipe):
+    """A batch of requests differing in image and mask equals each request run alone."""
+    requests = [InpaintParams(prompt=PROMPT, init_image=_image(seed=s), mask=_mask(box=box),
+                              steps=2, seed=s)
+                for s, box in ((5, (0, 0, 32, 32)), (6, (24, 24, 64, 64)))]
+    together = pipe.run(requests)
+    for k, r in enumerate(requests):
+        alone = pipe.run(r)
+        assert (together.pixels[k] - alone.pixels[0]).abs().max() <= 1e-5
+    with pytest.raises(UserInputError, match="mask is empty"):
+        pipe.run([requests[0], requests[1].replace(mask=Image.new("L", (64, 64), 0))])

@@ -34,7 +34,6 @@ from PIL import Image
 from .oracle import grade
 from .shapes import (
     BACKGROUND_COLOURS,
-    COLOURS,
     OBJECT_COLOURS,
     POSITION_CENTRES,
     POSITION_JITTER,
@@ -342,7 +341,7 @@ def evaluate_modes(model=DEFAULT_MODEL, settings: ModeEvalSettings = ModeEvalSet
                    log: Callable[[str], None] = print) -> ModeEvalResult:
     """Run the three graded modes (and, with `grids`, save every mode's grid there)."""
     from pipelines import TextToImage
-    from pipelines.params import HiresFix
+    from pipelines.params import GenerationParams, HiresFix
 
     pipe = TextToImage.from_folder(model)
     s = settings
@@ -397,7 +396,6 @@ def evaluate_modes(model=DEFAULT_MODEL, settings: ModeEvalSettings = ModeEvalSet
         # Seeds are the case's index in `prompts`, so each first pass is its base image.
         images = []
         for chunk in _chunks(right, s.batch):
-            from pipelines.params import GenerationParams
             requests = [GenerationParams(prompt=prompts[i].prompt, steps=s.steps,
                                          guidance_scale=s.guidance, sampler=s.sampler, seed=i,
                                          hires=hires) for i in chunk]
