@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 PYTEST := $(PY) -m pytest
 
-.PHONY: install test test-slow bench demo eval train-default clean
+.PHONY: install test test-slow bench demo eval eval-modes train-default clean
 
 install: $(STAMP)
 
@@ -44,6 +44,11 @@ demo: install
 # Held-out prompt accuracy of the bundled model, with and without guidance.
 eval: install
 	$(VENV)/bin/ldm eval --grid docs/heldout-grid.png
+
+# Inpainting, text-diff edits and the hires fix on the bundled model, graded by the shapes
+# oracle (train/mode_eval.py), and one grid per image mode: docs/mode-eval.md, docs/modes-*.png.
+eval-modes: install
+	$(PY) -m train.mode_eval --out docs/mode-eval.md --grids docs/
 
 # Trains CLIP, VAE and UNet from scratch on the shapes world (2 CPU cores, < 60 min) and writes
 # the bundled model; the log goes to runs/default/train.log. The only command that writes into

@@ -41,6 +41,28 @@ def tiny_diffusers_pipe(tiny_dir):
     return ref
 
 
+class Trapped(AssertionError):
+    """A network ran where a test expects the input to be refused before any compute."""
+
+
+@pytest.fixture
+def trap(monkeypatch):
+    """trap(pipe) -> pipe with every network raising Trapped if called (UNet, text encoder,
+    VAE encode and decode), for tests that bad input is reported before any compute."""
+    def apply(pipe):
+        def trapped(*args, **kwargs):
+            raise Trapped("a network ran before the bad input was reported")
+
+        c = pipe.components
+        for net in (c.unet, c.text_encoder):
+            monkeypatch.setattr(net, "forward", trapped)
+        monkeypatch.setattr(c.vae, "encode", trapped)
+        monkeypatch.setattr(c.vae, "decode", trapped)
+        return pipe
+
+    return apply
+
+
 @pytest.fixture
 def deadline(request):
     """A hang is a failure: SIGALRM interrupts a test that runs past its module's

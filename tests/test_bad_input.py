@@ -23,10 +23,7 @@ from ldm_engine.convert.ldm_layout import META, _digest, decode_metadata
 from ldm_engine.errors import ModelFolderError, UserInputError
 from ldm_engine.limits import (MAX_IMAGES, Memory, SizeLimitError, check_size, estimate_bytes)
 from pipelines import TextToImage
-
-
-class Trapped(AssertionError):
-    pass
+from conftest import Trapped
 
 
 @pytest.fixture(scope="module")
@@ -35,16 +32,9 @@ def pipe():
 
 
 @pytest.fixture
-def trapped(pipe, monkeypatch):
-    """The pipeline with every network raising if called."""
-    def trap(*args, **kwargs):
-        raise Trapped("a network ran before the bad input was reported")
-
-    c = pipe.components
-    for net in (c.unet, c.text_encoder):
-        monkeypatch.setattr(net, "forward", trap)
-    monkeypatch.setattr(c.vae, "decode", trap)
-    return pipe
+def trapped(pipe, trap):
+    """The pipeline with every network raising if called (conftest.trap)."""
+    return trap(pipe)
 
 
 API_ROWS = [

@@ -16,6 +16,7 @@ from ldm_engine.limits import Memory, SizeLimitError, estimate_bytes
 from pipelines import GenerationParams, HiresFix, ImageToImageParams, Observer, TextToImage
 from pipelines import read_png_params
 from pipelines.images import to_tensor
+from conftest import Trapped
 
 PROMPT = "a red circle on the left"
 BASE = dict(num_inference_steps=4, guidance_scale=7.5, seed=5, progress=False)
@@ -145,26 +146,15 @@ def test_png_upscaler_names_round_trip(upscaler):
 
 # --- bad values, before any compute ------------------------------------------------------------
 
-class Trapped(AssertionError):
-    pass
-
-
 @pytest.fixture(scope="module")
 def trap_pipe():
     return TextToImage(build_random(TINY, seed=1))
 
 
 @pytest.fixture
-def trapped(trap_pipe, monkeypatch):
-    def trap(*args, **kwargs):
-        raise Trapped("a network ran before the bad input was reported")
-
-    c = trap_pipe.components
-    for net in (c.unet, c.text_encoder):
-        monkeypatch.setattr(net, "forward", trap)
-    monkeypatch.setattr(c.vae, "encode", trap)
-    monkeypatch.setattr(c.vae, "decode", trap)
-    return trap_pipe
+def trapped(trap_pipe, trap):
+    """The pipeline with every network raising if called (conftest.trap)."""
+    return trap(trap_pipe)
 
 
 @pytest.mark.parametrize("hires,message", [

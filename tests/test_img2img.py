@@ -19,6 +19,7 @@ from ldm_engine.errors import UserInputError
 from pipelines import ImageToImage, ImageToImageParams, read_png_params
 from pipelines.images import ImageConvertedWarning, to_tensor
 from pipelines.params import image_hash
+from conftest import Trapped
 
 PROMPTS = ["a red circle on the left", "two blue squares, green background"]
 
@@ -171,27 +172,15 @@ def test_a_batch_may_give_each_image_its_own_init_image(pipe):
 
 # --- bad input before any compute --------------------------------------------------------------
 
-class Trapped(AssertionError):
-    pass
-
-
 @pytest.fixture(scope="module")
 def trap_pipe():
     return ImageToImage(build_random(TINY, seed=1))
 
 
 @pytest.fixture
-def trapped(trap_pipe, monkeypatch):
-    """The pipeline with every network (the VAE encoder included) raising if called."""
-    def trap(*args, **kwargs):
-        raise Trapped("a network ran before the bad input was reported")
-
-    c = trap_pipe.components
-    for net in (c.unet, c.text_encoder):
-        monkeypatch.setattr(net, "forward", trap)
-    monkeypatch.setattr(c.vae, "encode", trap)
-    monkeypatch.setattr(c.vae, "decode", trap)
-    return trap_pipe
+def trapped(trap_pipe, trap):
+    """The pipeline with every network raising if called (conftest.trap)."""
+    return trap(trap_pipe)
 
 
 @pytest.mark.parametrize("kwargs,message", [

@@ -140,21 +140,10 @@ def test_save_sequence(pipes, tmp_path):
     assert animation.suffix == ".gif" and Image.open(animation).n_frames == 2
 
 
-class Trapped(AssertionError):
-    pass
-
-
 @pytest.fixture
-def trapped(pipes, monkeypatch):
-    def trap(*args, **kwargs):
-        raise Trapped("a network ran before the bad input was reported")
-
-    c = pipes[TextToImage].components
-    for net in (c.unet, c.text_encoder):
-        monkeypatch.setattr(net, "forward", trap)
-    monkeypatch.setattr(c.vae, "encode", trap)
-    monkeypatch.setattr(c.vae, "decode", trap)
-    return pipes[TextToImage]
+def trapped(pipes, trap):
+    """The pipeline with every network raising if called (conftest.trap)."""
+    return trap(pipes[TextToImage])
 
 
 @pytest.mark.parametrize("make,message", [

