@@ -64,6 +64,35 @@ def trap(monkeypatch):
 
 
 @pytest.fixture
+def no_compute(monkeypatch):
+    """For CLI tests: every network class raises Trapped if run, and model loads are counted
+    (the returned dict's "load"), so a test can show bad input was refused before the weights
+    were even read."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    import pipelines.base
+
+    calls = {"load": 0}
+
+    def trapped(*args, **kwargs):
+        raise Trapped("a network ran before the bad input was reported")
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", trapped)
+    monkeypatch.setattr(AutoencoderKL, "encode", trapped)
+    monkeypatch.setattr(AutoencoderKL, "decode", trapped)
+    monkeypatch.setattr(CLIPTextModel, "forward", trapped)
+    real = pipelines.base.load_model
+
+    def counting_load(*args, **kwargs):
+        calls["load"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipelines.base, "load_model", counting_load)
+    return calls
+
+
+@pytest.fixture
 def deadline(request):
     """A hang is a failure: SIGALRM interrupts a test that runs past its module's
     DEADLINE_SECONDS (default 20). Use with `pytestmark = pytest.mark.usefixtures("deadline")`."""

@@ -12,9 +12,7 @@ import typing
 
 import numpy as np
 import pytest
-from diffusers import AutoencoderKL, UNet2DConditionModel
 from PIL import Image
-from transformers import CLIPTextModel
 
 import pipelines.params as params
 from ldm_engine.cli import REQUEST_TYPES, main, request_source
@@ -221,30 +219,6 @@ def test_edit(tiny_dir, images, tmp_path, capsys):
 
 
 # --- bad input: one line, exit 2, no weights read -------------------------------------------
-
-@pytest.fixture
-def no_compute(monkeypatch):
-    """Fail the test if any network runs; count model loads (as tests/test_bad_cli.py)."""
-    calls = {"load": 0}
-
-    def trap(*args, **kwargs):
-        raise AssertionError("a network ran before the bad input was reported")
-
-    monkeypatch.setattr(UNet2DConditionModel, "forward", trap)
-    monkeypatch.setattr(AutoencoderKL, "encode", trap)
-    monkeypatch.setattr(AutoencoderKL, "decode", trap)
-    monkeypatch.setattr(CLIPTextModel, "forward", trap)
-    import pipelines.base
-
-    real = pipelines.base.load_model
-
-    def counting_load(*args, **kwargs):
-        calls["load"] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(pipelines.base, "load_model", counting_load)
-    return calls
-
 
 def _png_of(request, path):
     """A PNG carrying a request's parameters, written without running anything."""
