@@ -116,3 +116,31 @@ def test_bad_input_before_compute(trapped, image, kwargs, message):
 def test_not_an_image(trapped):
     with pytest.raises(UserInputError):
         invert(trapped, 5, "x")
+
+
+def test_bundled_model_inversion_reconstructs_the_image():
+    """On the trained bundled model (a smooth ODE, unlike the random tiny UNet): DDIM inversion
+    then DDIM sampling (25 steps, guidance 1) gives back the image's VAE round trip above 40 dB
+    on three world scenes (measured 43-44 dB), where sampling from the wrong starting noise (the
+    inverted latent of another scene) falls far below it."""
+    from dataclasses import replace
+
+    from ldm_engine.cli import BUNDLED_MODEL
+    from pipelines.inversion import psnr
+    from train.shapes import Scene, ShapeObject, caption, render
+
+    bundled = TextToImage.from_folder(BUNDLED_MODEL)
+    scenes = [Scene((ShapeObject("circle", "red", "large", "left"),), "green"),
+              Scene((ShapeObject("square", "blue", "small", "top"),), "white"),
+              Scene((ShapeObject("triangle", "green", "large", "centre"),), "black")]
+    inversions = []
+    for k, scene in enumerate(scenes):
+        rng = np.random.default_rng(k)
+        inversions.append(invert(bundled, render(scene, 64, rng=rng), caption(scene, rng),
+                                 steps=25))
+        assert inversions[-1].reconstruction_psnr(bundled) >= 40.0
+    swapped = replace(inversions[0], latents=inversions[1].latents)
+    with torch.inference_mode():
+        wrong = psnr(bundled.decode(swapped.reconstruct(bundled)),
+                     bundled.decode(inversions[0].x0))
+    assert wrong < 25.0
