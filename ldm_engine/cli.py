@@ -612,6 +612,12 @@ def request_source() -> tuple[dict[str, dict[str, object]], dict[str, tuple[str,
     return classes, literals
 
 
+def _add_init_latents(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--init-latents", choices=_choices("InitLatents"),
+                        help="the image's latent: a draw from the VAE posterior (seeded per "
+                             "image, diffusers' default) or its mean (default {=init_latents})")
+
+
 def _add_overlay(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overlay", action=argparse.BooleanOptionalAction,
                         help="paste the input's own pixels back outside the (blurred) mask "
@@ -816,9 +822,7 @@ def _image_commands(sub) -> None:
     _add_image(i)
     _add_strength(i, "how much of the image is repainted; 1 ignores it")
     _add_resize(i)
-    i.add_argument("--init-latents", choices=_choices("InitLatents"),
-                   help="the image's latent: a draw from the VAE posterior (seeded per image, "
-                        "diffusers' default) or its mean (default {=init_latents})")
+    _add_init_latents(i)
 
     n = command("inpaint", "repaint the masked part of an image",
                 "Inpainting: repaint the part of --image that --mask marks and keep the rest. "
@@ -851,9 +855,7 @@ def _image_commands(sub) -> None:
     _add_overlay(n)
     _add_strength(n, "1 repaints the masked part from noise, lower keeps more of it")
     _add_resize(n)
-    n.add_argument("--init-latents", choices=_choices("InitLatents"),
-                   help="the image's latent: a posterior draw or its mean "
-                        "(default {=init_latents})")
+    _add_init_latents(n)
 
     o = command("outpaint", "extend an image beyond its borders",
                 "Outpainting: add --left/--right/--top/--bottom pixels to --image, fill the new "
