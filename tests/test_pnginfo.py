@@ -421,3 +421,36 @@ def test_json_quoting_matches_a1111_unquote():
     last = format_parameters(_params(model=value)).split("\n")[-1]
     quoted = last.split("Model: ", 1)[1].rsplit(", Version", 1)[0]
     assert json.loads(quoted) == value
+
+
+def test_sd_parsers_reads_the_image_modes_fields(tmp_path):
+    """A1111's own field names for the image modes reach sd-parsers as A1111 metadata, and ours
+    (the images' hashes, outpainting) read back as themselves."""
+    from sd_parsers import ParserManager
+    from sd_parsers.data import Generators
+
+    from pipelines import InpaintParams, OutpaintParams
+
+    image = Image.new("RGB", (64, 64), (10, 20, 30))
+    mask = Image.new("L", (64, 64), 255)
+    cases = [
+        (_params(hires=HiresFix(scale=2.0, steps=4, upscaler="lanczos", strength=0.35)),
+         {"Hires upscale": "2.0", "Hires steps": "4", "Hires upscaler": "Lanczos",
+          "Denoising strength": "0.35"}),
+        (InpaintParams(prompt="a cat", height=64, width=64, seed=3, eta=0.0, init_image=image,
+                       mask=mask, mask_blur=6, only_masked=True, padding=16),
+         {"Denoising strength": "1.0", "Mask blur": "6", "Inpaint area": "Only masked",
+          "Masked area padding": "16"}),
+        (OutpaintParams(prompt="a cat", height=64, width=64, seed=3, eta=0.0, init_image=image,
+                        left=32), {"Outpaint": "left 32", "Outpaint fill": "edge"}),
+    ]
+    for k, (params, fields) in enumerate(cases):
+        path = tmp_path / f"{k}.png"
+        save_png(Image.new("RGB", (8, 8)), path, params)
+        info = ParserManager().parse(path)
+        assert info.generator == Generators.AUTOMATIC1111
+        for key, value in fields.items():
+            assert info.metadata[key] == value, key
+        if isinstance(params, InpaintParams):
+            assert info.metadata["Init image hash"] == params.init_image_hash
+        assert read_png_params(path) == params         # and back into the same request
