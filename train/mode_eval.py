@@ -484,8 +484,8 @@ def save_grid(path: Path, rows: list[list[Image.Image]], gap: int = 2) -> None:
 
 
 def save_ungraded_grids(pipe, grids: Path, s: ModeEvalSettings) -> list[str]:
-    """Image to image (strengths 0.5 / 0.75 toward another colour), outpainting (64 -> 96 wide)
-    and interpolation (between two prompts): grids only. Returns the modes not registered."""
+    """Image to image (strengths 0.5 / 0.75 toward another colour), outpainting (64 -> 96 wide),
+    interpolation (between two prompts) and variations (eta 0.6 and 1): grids only. Returns the modes not registered."""
     from pipelines.params import ImageToImageParams, OutpaintParams
 
     skipped = []
@@ -529,6 +529,22 @@ def save_ungraded_grids(pipe, grids: Path, s: ModeEvalSettings) -> list[str]:
         save_grid(grids / "modes-interpolate.png", rows)
     else:
         skipped.append("interpolate")
+
+    if _registered("vary"):
+        from pipelines.params import VariationParams
+
+        # Input, then variants at eta 0.6 (the default) and 1: content kept, details re-drawn.
+        rows = []
+        for k, c in enumerate(scenes[:3]):
+            row = [c.image]
+            for eta in (0.6, 1.0):
+                row += pipe.run(VariationParams(prompt=caption(c.before, np.random.default_rng(
+                    [_GRID_SEED, 20 + k])), init_image=c.image, eta=eta, steps=s.steps,
+                    seed=k), num_images=2).images
+            rows.append(row)
+        save_grid(grids / "modes-vary.png", rows)
+    else:
+        skipped.append("vary")
     return skipped
 
 
