@@ -22,7 +22,7 @@ from ldm_engine.errors import UserInputError
 from schedulers import Plan
 
 from .base import GenerationResult, Pipeline
-from .modes import Batch, Mode, Start, requests_for
+from .modes import Batch, Mode, Start, native_size, requests_for
 from .observe import Observer
 from .params import ImageToImageParams
 
@@ -61,7 +61,7 @@ def size_of_image(pipe: Pipeline, request: ImageToImageParams) -> tuple[int, int
     """The request's size, else the init image's rounded down to the VAE factor (diffusers)."""
     f = pipe.components.vae_factor
     if request.init_image is None:
-        return Mode().size(pipe, request)
+        return native_size(pipe, request)
     w, h = request.init_image.size
     if (request.height is None and h < f) or (request.width is None and w < f):
         raise UserInputError(f"the init image is {w}x{h}, smaller than the VAE factor {f}")

@@ -40,7 +40,7 @@ from PIL import Image
 from ldm_engine.errors import UserInputError
 
 from .base import GenerationResult, Pipeline
-from .modes import Batch, Mode, Start
+from .modes import Batch, Mode, Start, native_size
 from .img2img import ImageToImage, require_image, size_of_image
 from .images import (Region, binarize, blur_mask, crop_region, expand_to_aspect, extend_canvas,
                      fit_image, latent_mask, load_mask, mask_to_tensor, paste_back, to_tensor)
@@ -230,7 +230,7 @@ class OutpaintMode(InpaintMode):
         """The request's size, else the canvas's, which must then be a multiple of the VAE
         factor: rounding it down would cut off part of what the user asked to add."""
         if request.init_image is None:
-            return Mode().size(pipe, request)
+            return native_size(pipe, request)
         f = pipe.components.vae_factor
         w, h = request.init_image.size
         sides = {"width": (w, "left", "right", request.width),

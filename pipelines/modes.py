@@ -9,6 +9,7 @@ everything else, the same way for every mode.
 
 from __future__ import annotations
 
+import abc
 import numbers
 import random
 from collections.abc import Callable, Sequence
@@ -78,9 +79,16 @@ class Start:
     passes: int = 1
 
 
-class Mode:
-    """One generation mode: what it adds to the shared Pipeline.run. Stateless; subclasses
-    override what they need (pipelines.registry lists them by name)."""
+def native_size(pipe: "Pipeline", request: GenerationParams) -> tuple[int, int]:
+    """(height, width): the request's, else the model's native size (sample_size x factor)."""
+    native = pipe.components.unet.config.sample_size * pipe.components.vae_factor
+    return (native if request.height is None else request.height,
+            native if request.width is None else request.width)
+
+
+class Mode(abc.ABC):
+    """One generation mode: what it adds to the shared Pipeline.run. Stateless; a subclass
+    implements prepare and overrides what else it needs (pipelines.registry lists them)."""
 
     name: str = ""
     request: type = GenerationParams
@@ -93,9 +101,7 @@ class Mode:
 
     def size(self, pipe: "Pipeline", request: GenerationParams) -> tuple[int, int]:
         """The generation's (height, width): the request's, else the model's native size."""
-        native = pipe.components.unet.config.sample_size * pipe.components.vae_factor
-        return (native if request.height is None else request.height,
-                native if request.width is None else request.width)
+        return native_size(pipe, request)
 
     def shared(self, request: GenerationParams) -> GenerationParams:
         """What all images of one batch must share: everything but prompts and seed (and what
@@ -110,8 +116,9 @@ class Mode:
     def check(self, pipe: "Pipeline", batch: Batch) -> None:
         """What only this mode can get wrong, checked before any compute."""
 
+    @abc.abstractmethod
     def prepare(self, pipe: "Pipeline", batch: Batch) -> Start:
-        raise NotImplementedError
+        """The starting latents at the plan's first level, the plan, and the rest of Start."""
 
 
 def as_prompt_list(prompt: str | Sequence[str], what: str = "prompt") -> list[str]:

@@ -121,6 +121,9 @@ class _SigmaStepper:
     # Noise draws of a stochastic step (eta > 0) that does not end at sigma = 0, where every
     # stepper returns the denoised estimate; 0 for the deterministic (ODE) steppers.
     draws: int = 0
+    # UNet evaluations of a step that does not end at sigma = 0 (second-order steppers: 2);
+    # the last step is a single Euler call for every stepper.
+    calls: int = 1
 
     def make_plan(self, schedule: TrainSchedule, num_steps: int,
                   spacing: str | None) -> SigmaPlan:
@@ -131,8 +134,8 @@ class _SigmaStepper:
         return self.draws if eta > 0 and float(plan.sigmas[i + 1]) > 0 else 0
 
     def model_calls(self, plan: SigmaPlan, i: int) -> int:
-        plan.check_index(i)
-        return 1
+        i = plan.check_index(i)
+        return self.calls if float(plan.sigmas[i + 1]) > 0 else 1
 
     def tail(self, plan: SigmaPlan, start: int) -> SigmaPlan:
         """sigmas[start:] and timesteps[start:]: k-diffusion's sampling from a sliced sigma list,
@@ -198,10 +201,7 @@ class Heun(_SigmaStepper):
     the slope at the Euler point; the last step (to sigma = 0) is plain Euler."""
 
     name: str = "heun"
-
-    def model_calls(self, plan, i):
-        i = plan.check_index(i)
-        return 2 if float(plan.sigmas[i + 1]) > 0 else 1
+    calls: int = 2
 
     def step(self, denoiser, plan, i, x, carry, noise, *, eta):
         i, s, s_next, _ = self._begin(plan, i, x, noise, eta)
@@ -224,10 +224,7 @@ class DPM2(_SigmaStepper):
     log-midpoint sigma_mid = sqrt(sigma sigma_next) carries the full step; last step Euler."""
 
     name: str = "dpm2"
-
-    def model_calls(self, plan, i):
-        i = plan.check_index(i)
-        return 2 if float(plan.sigmas[i + 1]) > 0 else 1
+    calls: int = 2
 
     def step(self, denoiser, plan, i, x, carry, noise, *, eta):
         i, s, s_next, _ = self._begin(plan, i, x, noise, eta)
@@ -376,11 +373,7 @@ class DPMPPSDE(_SigmaStepper):
     name: str = "dpmpp_sde"
     default_eta: float = 1.0
     draws: int = 2
-
-
-    def model_calls(self, plan, i):
-        i = plan.check_index(i)
-        return 2 if float(plan.sigmas[i + 1]) > 0 else 1
+    calls: int = 2
 
     def step(self, denoiser, plan, i, x, carry, noise, *, eta):
         i, s, s_next, noise = self._begin(plan, i, x, noise, eta)

@@ -30,15 +30,36 @@ def tiny_pipe(tiny_dir):
     return TextToImage.from_folder(tiny_dir)
 
 
+def load_reference(pipeline_cls, path):
+    """A diffusers pipeline class loaded from a local folder, no safety checker, no bar: the
+    reference of the parity tests."""
+    ref = pipeline_cls.from_pretrained(path, safety_checker=None, requires_safety_checker=False,
+                                       local_files_only=True)
+    ref.set_progress_bar_config(disable=True)
+    return ref
+
+
 @pytest.fixture(scope="module")
 def tiny_diffusers_pipe(tiny_dir):
     """diffusers' StableDiffusionPipeline over the same folder: the reference for parity tests."""
     from diffusers import StableDiffusionPipeline
-    ref = StableDiffusionPipeline.from_pretrained(tiny_dir, safety_checker=None,
-                                                  requires_safety_checker=False,
-                                                  local_files_only=True)
-    ref.set_progress_bar_config(disable=True)
-    return ref
+    return load_reference(StableDiffusionPipeline, tiny_dir)
+
+
+@pytest.fixture
+def unet_calls(pipe, monkeypatch):
+    """The latent (h, w) of every UNet call of the module's `pipe` (guidance batches cond and
+    uncond into one call, so one call per step for the single-call samplers)."""
+    calls = []
+    unet = pipe.components.unet
+    forward = unet.forward
+
+    def counted(sample, *args, **kwargs):
+        calls.append(tuple(sample.shape[-2:]))
+        return forward(sample, *args, **kwargs)
+
+    monkeypatch.setattr(unet, "forward", counted)
+    return calls
 
 
 class Trapped(AssertionError):

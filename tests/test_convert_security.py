@@ -236,3 +236,28 @@ def test_trust_pickle_is_the_only_way_past_the_allowlist(tiny_dir, tmp_path, cap
     err = capsys.readouterr().err
     assert "ldm convert: warning: --trust-pickle: fully unpickling" in err
     assert (tmp_path / "out/model_index.json").is_file()
+
+
+def test_legacy_format_weights_load_with_the_safe_loader(tmp_path, no_weights_only_false):
+    """A pre-1.6 (non-zip) torch.save file of weights loads with weights_only=True, without
+    --trust-pickle; the guard fails the test if anything unpickles fully."""
+    path = tmp_path / "old.ckpt"
+    weights = {"state_dict": {"w": torch.arange(4.0)}, "global_step": 7}
+    torch.save(weights, path, _use_new_zipfile_serialization=False)
+    assert not zipfile.is_zipfile(path)
+    obj = load_pickle(path)
+    assert torch.equal(obj["state_dict"]["w"], weights["state_dict"]["w"])
+    assert obj["global_step"] == 7
+
+
+@pytest.mark.parametrize("trust", [False, True])
+def test_legacy_format_with_code_is_refused_even_with_trust_pickle(tmp_path, trust):
+    """The legacy format is never fully unpickled: its payload does not run, whatever the flag,
+    and the one-line error says how to get a file that loads."""
+    canary = tmp_path / "canary"
+    path = tmp_path / "old-exec.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(2)}, "x": payloads(canary)["builtins.exec"]},
+               path, _use_new_zipfile_serialization=False)
+    with pytest.raises(UnsafeCheckpointError, match="legacy .*re-save it with torch >= 1.6"):
+        load_pickle(path, trust_pickle=trust)
+    assert not canary.exists()

@@ -27,22 +27,6 @@ def pipe(tiny_pipe):
     return tiny_pipe
 
 
-@pytest.fixture
-def unet_calls(pipe, monkeypatch):
-    """The latent (h, w) of every UNet call (classifier-free guidance batches cond and uncond
-    into one call, so one call per step for the single-call samplers)."""
-    calls = []
-    unet = pipe.components.unet
-    forward = unet.forward
-
-    def counted(sample, *args, **kwargs):
-        calls.append(tuple(sample.shape[-2:]))
-        return forward(sample, *args, **kwargs)
-
-    monkeypatch.setattr(unet, "forward", counted)
-    return calls
-
-
 class Totals(Observer):
     def __init__(self):
         self.steps = []

@@ -19,7 +19,7 @@ from ldm_engine.errors import UserInputError
 from pipelines import ImageToImage, ImageToImageParams, read_png_params
 from pipelines.images import ImageConvertedWarning, to_tensor
 from pipelines.params import image_hash
-from conftest import Trapped
+from conftest import Trapped, load_reference
 
 PROMPTS = ["a red circle on the left", "two blue squares, green background"]
 
@@ -39,11 +39,7 @@ def pipe(tiny_dir):
 
 @pytest.fixture(scope="module")
 def reference(tiny_dir):
-    ref = StableDiffusionImg2ImgPipeline.from_pretrained(tiny_dir, safety_checker=None,
-                                                         requires_safety_checker=False,
-                                                         local_files_only=True)
-    ref.set_progress_bar_config(disable=True)
-    return ref
+    return load_reference(StableDiffusionImg2ImgPipeline, tiny_dir)
 
 
 def _gens(seed: int, n: int) -> list[torch.Generator]:
@@ -282,10 +278,7 @@ def test_pixel_parity_at_full_sd15_size(tmp_path_factory):
     ours = pipe(PROMPTS[:1], image, negative_prompt="blurry", steps=3, sampler="ddim",
                 generator=_gens(11, 1), progress=False, **kw)
     del pipe
-    ref = StableDiffusionImg2ImgPipeline.from_pretrained(folder, safety_checker=None,
-                                                         requires_safety_checker=False,
-                                                         local_files_only=True)
-    ref.set_progress_bar_config(disable=True)
+    ref = load_reference(StableDiffusionImg2ImgPipeline, folder)
     ref.scheduler = DDIMScheduler.from_config(ref.scheduler.config)
     theirs = ref(PROMPTS[:1], image=image, negative_prompt=["blurry"], num_inference_steps=3,
                  generator=_gens(11, 1), output_type="pt", **kw).images

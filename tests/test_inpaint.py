@@ -20,6 +20,8 @@ from pipelines.images import to_tensor
 from pipelines.pnginfo import format_parameters, parse_parameters
 from schedulers import ScheduleConfig
 
+from conftest import load_reference
+
 PROMPT = "a red circle on a blue square"
 STEPS = 3
 
@@ -41,10 +43,7 @@ def _mask(w=64, h=64, box=(20, 16, 52, 44)):
 
 
 def _reference(path):
-    ref = StableDiffusionInpaintPipeline.from_pretrained(
-        path, safety_checker=None, requires_safety_checker=False, local_files_only=True)
-    ref.set_progress_bar_config(disable=True)
-    return ref
+    return load_reference(StableDiffusionInpaintPipeline, path)
 
 
 @pytest.fixture(scope="module")

@@ -24,21 +24,6 @@ def pipe(tiny_pipe):
     return tiny_pipe
 
 
-@pytest.fixture
-def unet_calls(pipe, monkeypatch):
-    """Counts UNet calls (one per step: guidance batches cond and uncond into one call)."""
-    calls = []
-    unet = pipe.components.unet
-    forward = unet.forward
-
-    def counted(*args, **kwargs):
-        calls.append(len(calls) + 1)
-        return forward(*args, **kwargs)
-
-    monkeypatch.setattr(unet, "forward", counted)
-    return calls
-
-
 class Recorder(Observer):
     def __init__(self, fail_at: int | None = None):
         self.events, self.fail_at = [], fail_at

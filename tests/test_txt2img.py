@@ -10,6 +10,8 @@ from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
 from ldm_engine.errors import UserInputError
 from pipelines import GenerationParams, TextToImage, read_png_params
 
+from conftest import load_reference
+
 PROMPTS = ["a red circle on the left", "two blue squares, green background"]
 
 
@@ -158,10 +160,7 @@ def test_pixel_parity_at_full_sd15_size(tmp_path_factory):
     kw = dict(num_inference_steps=2, guidance_scale=7.5, height=256, width=256)
     ours = pipe(PROMPTS[:1], negative_prompt="blurry", seed=11, progress=False, **kw)
     del pipe
-    ref = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None,
-                                                  requires_safety_checker=False,
-                                                  local_files_only=True)
-    ref.set_progress_bar_config(disable=True)
+    ref = load_reference(StableDiffusionPipeline, folder)
     theirs = _ref_images(ref, DDIMScheduler, PROMPTS[:1], 11, negative_prompt=["blurry"], **kw)
     assert ours.pixels.shape == (1, 3, 256, 256)
     assert ours.pixels.std() > 0.01

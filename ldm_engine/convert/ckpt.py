@@ -16,7 +16,10 @@ checkpoints actually contain besides tensors, and nothing that can run code:
   default.)
 
 Anything else is refused with the offending global named; ``--trust-pickle`` is the only way to
-full unpickling, and it warns loudly. There is no automatic fallback.
+full unpickling of a zip checkpoint, and it warns loudly. There is no automatic fallback. A
+legacy (pre-1.6, non-zip) ``torch.save`` file is read by torch's own legacy loader, always with
+``weights_only=True`` and the same allowlist: such a file that holds more than weights is refused
+whatever the flags (re-save it with torch >= 1.6 where you trust it).
 
 The pickle is run by our own call of that unpickler (not ``torch.load``) so that its
 ``persistent_load`` -- where torch would read each tensor's bytes with its own zip reader -- is
@@ -140,7 +143,8 @@ _TORCH_MODULE_RENAMES = {"torch.tensor": "torch._tensor"}
 
 
 class _FullUnpickler(pickle.Unpickler):
-    """What torch.load(weights_only=False) unpickles with: any global, storage names mapped."""
+    """The full unpickler of --trust-pickle: any global (as torch's unrestricted loading), with
+    storage type names mapped."""
 
     def find_class(self, module: str, name: str):
         if type(name) is str and "Storage" in name:
@@ -192,16 +196,13 @@ def load_pickle(path: str | Path, *, trust_pickle: bool = False) -> object:
     than its tensor: the tensor silently reads the bytes that follow).
     """
     path = Path(path)
-    archive = open_checkpoint(path, allow_legacy=trust_pickle)
+    archive = open_checkpoint(path)
+    if archive is None:
+        return _load_legacy(path)
     if trust_pickle:
         warnings.warn(
             f"--trust-pickle: fully unpickling {path}. This runs any code the file contains; "
             "do it only for files from a source you trust.", UnsafeLoadWarning, stacklevel=2)
-        if archive is None:                     # pre-1.6 torch.save format: torch's loader only
-            try:
-                return torch.load(path, map_location="cpu", weights_only=False)
-            except Exception as e:  # any failure of an arbitrary pickle is the file's fault
-                raise CheckpointError(f"cannot load {path}: {type(e).__name__}: {e}") from None
     try:
         data = archive.read("data.pkl")
         if not trust_pickle:
@@ -227,6 +228,27 @@ def load_pickle(path: str | Path, *, trust_pickle: bool = False) -> object:
                               f"{str(e).splitlines()[0] if str(e) else ''}") from None
     finally:
         archive.close()
+
+
+def _load_legacy(path: Path) -> object:
+    """A pre-1.6 (non-zip) torch.save file, through torch's legacy loader with weights_only=True
+    and our allowlist: that format's tensors live inside its pickle stream, so there is no
+    archive to serve them from, and it is never fully unpickled (not even with --trust-pickle)."""
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else "unreadable"
+        raise UnsafeCheckpointError(
+            f"refusing to load {path}: a legacy (pre-1.6 torch.save) checkpoint whose pickle "
+            f"holds more than weights ({reason[:120]}); re-save it with torch >= 1.6 where you "
+            "trust it, then convert that file") from None
+    except Exception as e:  # damage surfaces as RuntimeError, EOFError, ... depending on where
+        raise CheckpointError(f"{path} is damaged or not a checkpoint (legacy torch.save format): "
+                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                              ) from None
+    finally:
+        _clear_sparse_validation()
 
 
 def _allowed(name: str) -> bool:

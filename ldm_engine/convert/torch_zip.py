@@ -133,9 +133,9 @@ class CheckpointArchive:
         self.zip.close()
 
 
-def open_checkpoint(path: Path, *, allow_legacy: bool) -> CheckpointArchive | None:
-    """Framing and structure checks before any record is used; None: a legacy (pre-1.6) pickle,
-    returned only with allow_legacy (only the full unpickler reads that format)."""
+def open_checkpoint(path: Path) -> CheckpointArchive | None:
+    """Framing and structure checks before any record is used; None: a legacy (pre-1.6) pickle
+    stream, which ckpt.py reads with torch's legacy loader (weights_only)."""
     try:
         size = path.stat().st_size
     except FileNotFoundError:
@@ -153,12 +153,10 @@ def open_checkpoint(path: Path, *, allow_legacy: bool) -> CheckpointArchive | No
         if head.startswith(_ZIP_LOCAL_HEADER):
             raise CheckpointError(
                 f"{path} is truncated or damaged: its zip directory cannot be read ({e})") from None
-        if allow_legacy and head[:1] == b"\x80":
+        if head[:1] == b"\x80":
             return None
         raise CheckpointError(
-            f"{path} is not a PyTorch zip checkpoint (.ckpt/.pt written by torch.save >= 1.6)"
-            + (": it starts like a legacy pickle, which only --trust-pickle reads"
-               if head[:1] == b"\x80" else "")) from None
+            f"{path} is not a PyTorch checkpoint (.ckpt/.pt written by torch.save)") from None
     try:
         prefix = _check_members(path, archive)
         _check_layout(path, archive)
