@@ -30,7 +30,7 @@ import torch
 
 from .contract import Carry, Denoiser, Noise, check_eta, check_noise
 from .schedule import StepIndexed, Prediction, TrainSchedule, check_num_steps
-from .tail import slice_steps, ve_sigma, vp_noised
+from .tail import VPTail
 
 ORIGINAL_INFERENCE_STEPS = 50  # the distillation grid of the released LCM checkpoints
 TIMESTEP_SCALING = 10.0        # LCMScheduler's default: sharpens c_skip / c_out around t = 0
@@ -102,8 +102,12 @@ def lcm_plan(schedule: TrainSchedule, num_steps: int) -> LCMPlan:
 
 
 @dataclass(frozen=True)
-class LCM:
-    """The LCM stepper (contract.Stepper), for LCM-distilled UNets (LCM or LCM-LoRA)."""
+class LCM(VPTail):
+    """The LCM stepper (contract.Stepper), for LCM-distilled UNets (LCM or LCM-LoRA).
+
+    Its tail is the plain tail of the txt2img plan (each step is self-contained); diffusers' LCM
+    img2img instead re-plans with set_timesteps(N, strength), which thins the distillation grid
+    to int(50 strength) timesteps first."""
 
     name: str = "lcm"
     space: str = "vp"
@@ -123,22 +127,6 @@ class LCM:
     def model_calls(self, plan: LCMPlan, i: int) -> int:
         plan.check_index(i)
         return 1
-
-    def tail(self, plan: LCMPlan, start: int) -> LCMPlan:
-        """Steps start..N-1 of this plan (each step is self-contained; the last one's re-noising
-        target is unchanged). diffusers' LCM img2img instead re-plans with
-        set_timesteps(N, strength), which thins the distillation grid to int(50 strength)
-        timesteps first; this is the plain tail of the txt2img plan."""
-        return slice_steps(plan, start)
-
-    def noised(self, plan: LCMPlan, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """LCMScheduler.add_noise: DDPM eq. 4 at the first timestep."""
-        if len(plan) == 0:
-            return x0
-        return vp_noised(plan.alpha_bar[:1], x0, noise)
-
-    def level(self, plan: LCMPlan, i: int) -> float:
-        return ve_sigma(plan.alpha_bar[i]) if i < len(plan) else 0.0
 
     def step(self, denoiser: Denoiser, plan: LCMPlan, i: int, x: torch.Tensor, carry: Carry,
              noise: Noise, *, eta: float) -> tuple[torch.Tensor, Carry]:

@@ -30,14 +30,14 @@ from .ddim import ddim_needs_noise, ddim_plan, ddim_step
 from .ddpm import ddpm_needs_noise, ddpm_plan, ddpm_step
 from .schedule import SamplingPlan, TrainSchedule
 from .spacing import sigma_plan
-from .tail import slice_steps, ve_noised, ve_sigma, vp_noised
+from .tail import VPTail, slice_steps, ve_noised
 
 # ----------------------------------------------------------------------------------------------
 # VP space: DDIM and DDPM, the model called at integer timesteps (bit-exact with diffusers).
 
 
 @dataclass(frozen=True)
-class VPStepper:
+class VPStepper(VPTail):
     """A one-call sampler in VP space that steps from (x0, eps) at integer training timesteps.
 
     DDIM (Song et al. 2021, eq. 12; eta > 0 adds eq. 16's variance, ddim.py) and ancestral DDPM
@@ -68,19 +68,6 @@ class VPStepper:
         x0, eps = denoiser.vp(x, int(plan.timesteps[i]), float(plan.alpha_bar[i]))
         z = noise[0] if noise else None
         return self.step_fn(plan, i, x, x0, eps, eta=eta, noise=z), None
-
-    def tail(self, plan: SamplingPlan, start: int) -> SamplingPlan:
-        """Steps start..N-1: every per-step value slices. DDIM's t_prev = t - T // N keeps the
-        full plan's stride and DDPM's t_prev is the next planned timestep, as in diffusers."""
-        return slice_steps(plan, start)
-
-    def noised(self, plan: SamplingPlan, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        if len(plan) == 0:
-            return x0
-        return vp_noised(plan.alpha_bar[:1], x0, noise)
-
-    def level(self, plan: SamplingPlan, i: int) -> float:
-        return ve_sigma(plan.alpha_bar[i]) if i < len(plan) else 0.0
 
 
 DDIM = VPStepper("ddim", ddim_plan, ddim_needs_noise, ddim_step)

@@ -113,3 +113,21 @@ def ve_sigma(alpha_bar: float) -> float:
     alpha_bar = 0, zero terminal SNR)."""
     alpha_bar = float(alpha_bar)
     return math.sqrt((1 - alpha_bar) / alpha_bar) if alpha_bar > 0 else math.inf
+
+
+class VPTail:
+    """tail / noised / level of the steppers whose plans carry alpha_bar per step (DDIM, DDPM,
+    LCM): every per-step value slices (DDIM's t_prev = t - T // N keeps the full plan's stride
+    and DDPM's t_prev is the next planned timestep, as in diffusers), and x0 is noised with DDPM
+    eq. 4 at the first step's alpha_bar (diffusers' add_noise)."""
+
+    def tail(self, plan, start: int):
+        return slice_steps(plan, start)
+
+    def noised(self, plan, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        if len(plan) == 0:
+            return x0
+        return vp_noised(plan.alpha_bar[:1], x0, noise)
+
+    def level(self, plan, i: int) -> float:
+        return ve_sigma(plan.alpha_bar[i]) if i < len(plan) else 0.0
