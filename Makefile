@@ -31,9 +31,9 @@ test-slow: install
 	$(PYTEST) -q -m slow
 
 # The whole matrix (256 and 512 px, 10 and 20 steps, six engines, each alone on the CPU) takes
-# about 2 h on 2 cores; `$(PY) -m ldm_engine.bench --help` runs parts of it.
+# about 2 h on 2 cores; `$(PY) -m ldm_engine.apps.bench --help` runs parts of it.
 bench: install
-	$(PY) -m ldm_engine.bench --out BENCHMARKS.md
+	$(PY) -m ldm_engine.apps.bench --out BENCHMARKS.md
 
 # Generates demo.png from a prompt with the bundled model (ldm_engine/models/default).
 demo: install

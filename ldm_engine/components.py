@@ -12,25 +12,22 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-# A model folder is always local; make sure no library below us tries a hub for a missing file.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import diffusers
+import safetensors.torch
+import torch
+import transformers
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
 
-import diffusers  # noqa: E402
-import safetensors.torch  # noqa: E402
-import torch  # noqa: E402
-import transformers  # noqa: E402
-from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: E402
-from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
+from schedulers import ScheduleConfig, load_schedule_config
 
-from schedulers import ScheduleConfig, load_schedule_config  # noqa: E402
-
-from .config_check import (ModelShape, check_model_configs, check_scheduler_config,  # noqa: E402
+from .config_check import (ModelShape, check_model_configs, check_scheduler_config,
                            read_config_file)
-from .configs import FAMILIES, ModelFamily  # noqa: E402
-from .errors import ModelFolderError  # noqa: E402
-from .formats import check_safetensors, read_safetensors  # noqa: E402
-from .fsutil import atomic_dir, restore_aside  # noqa: E402
-from .tokenizer import SDTokenizer  # noqa: E402
+from .configs import FAMILIES, ModelFamily
+from .errors import ModelFolderError
+from .formats import check_safetensors, read_safetensors
+from .fsutil import atomic_dir, restore_aside
+from .tokenizer import SDTokenizer
 
 UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
 VAE_WEIGHTS = "vae/diffusion_pytorch_model.safetensors"

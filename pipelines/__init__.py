@@ -1,7 +1,5 @@
 """Pipelines: each prepares starting latents and runs the one shared denoising loop."""
 
-import ldm_engine  # noqa: F401  (first: sets torch's allocator options before torch loads)
-
 from .base import GenerationResult, Pipeline
 from .img2img import ImageToImage
 from .inpaint import Inpaint, Outpaint

@@ -81,6 +81,34 @@ def _open(path: str | os.PathLike, what: str) -> Image.Image:
         raise UserInputError(f"cannot read the {what} {path}: {e}") from None
 
 
+def read_image_bytes(data: bytes, what: str = "image", *, max_pixels: int | None = None
+                     ) -> Image.Image:
+    """Decode an encoded PNG/JPEG/WebP held in memory (an upload); failures are one-line
+    UserInputErrors. Its header's size is checked against max_pixels before a single pixel is
+    decoded, so a small file that expands to gigabytes (a decompression bomb) costs nothing."""
+    import io
+
+    try:
+        with Image.open(io.BytesIO(data), formats=list(READ_FORMATS)) as im:
+            if max_pixels is not None and im.width * im.height > max_pixels:
+                raise UserInputError(f"the {what} is {im.width}x{im.height} = "
+                                     f"{im.width * im.height} pixels; the limit is {max_pixels}")
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                im.load()
+            image = ImageOps.exif_transpose(im)
+    except UserInputError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise UserInputError(f"refusing the {what}: {e}") from None
+    except Image.UnidentifiedImageError:
+        raise UserInputError(f"cannot read the {what}: not a {'/'.join(READ_FORMATS)} "
+                             "image") from None
+    except (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error) as e:
+        raise UserInputError(f"cannot read the {what}: {e}") from None
+    return _as_image(image, what)
+
+
 def _as_image(path_or_image, what: str) -> Image.Image:
     if isinstance(path_or_image, Image.Image):
         image = path_or_image

@@ -20,8 +20,6 @@ any number of concurrent generations.
 
 from __future__ import annotations
 
-import ldm_engine  # noqa: F401  (first: sets torch's allocator options before torch loads)
-
 import functools
 
 from .contract import (

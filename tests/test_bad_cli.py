@@ -1,7 +1,7 @@
 """`ldm` with bad input, end to end: exit status 2, one line on stderr, no traceback, no file
 written, and not one network call (the UNet, VAE and text encoder forwards are booby-trapped).
 
-Most rows call `ldm_engine.cli.main(argv)` in-process; a few run the real `ldm` entry point in a
+Most rows call `ldm_engine.apps.cli.main(argv)` in-process; a few run the real `ldm` entry point in a
 subprocess, including argv bytes that are not UTF-8.
 """
 
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-import ldm_engine.cli
-from ldm_engine.cli import main
+import ldm_engine.apps.cli
+from ldm_engine.apps.cli import main
 
 LDM = Path(sys.executable).parent / "ldm"
 
@@ -262,7 +262,7 @@ def test_logged_warnings_are_one_line(tmp_path, capsys, monkeypatch):
         warnings.warn("a\nwarning")
         return 0
 
-    monkeypatch.setattr(ldm_engine.cli, "cmd_inspect", noisy)
+    monkeypatch.setattr(ldm_engine.apps.cli, "cmd_inspect", noisy)
     lib = logging.getLogger("transformers")
     before = (lib.propagate, lib.handlers[:])
     assert main(["inspect", str(tmp_path)]) == 0

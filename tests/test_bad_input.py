@@ -13,7 +13,7 @@ import torch
 from transformers import CLIPTextConfig
 
 import pipelines.base
-from ldm_engine.cli import main
+from ldm_engine.apps.cli import main
 from ldm_engine.components import build_random, check_model_folder, load_model
 from ldm_engine.config_check import ConfigError, check_model_configs
 from ldm_engine.configs import SD1, TINY

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ldm_engine.cli import BUNDLED_MODEL, main
+from ldm_engine.apps.cli import BUNDLED_MODEL, main
 from ldm_engine.inspection import inspect_folder
 from pipelines import TextToImage, read_png_params
 from train.oracle import grade

@@ -19,7 +19,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from ldm_engine.cli import main
+from ldm_engine.apps.cli import main
 from ldm_engine.convert import convert, torch_zip
 from ldm_engine.convert.ckpt import load_pickle
 from ldm_engine.convert.errors import CheckpointError

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ldm_engine.cli import main
+from ldm_engine.apps.cli import main
 from pipelines import read_png_params
 
 
@@ -62,7 +62,7 @@ def test_missing_model_folder_is_reported(tmp_path, capsys):
 
 
 def test_console_script_has_no_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "ldm_engine.cli", "inspect", str(tmp_path)],
+    proc = subprocess.run([sys.executable, "-m", "ldm_engine.apps.cli", "inspect", str(tmp_path)],
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "missing model_index.json" in proc.stderr

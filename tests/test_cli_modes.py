@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 import pipelines.params as params
-from ldm_engine.cli import REQUEST_TYPES, main, request_source
+from ldm_engine.apps.cli import REQUEST_TYPES, main, request_source
 from pipelines import PIPELINES, read_png_params, save_png
 from pipelines.params import image_hash
 
@@ -74,7 +74,7 @@ def test_help_defaults_are_the_request_types():
 
 def test_parsing_does_not_import_torch():
     """Building the parser (and so `ldm CMD --help`) reads params.py's source, not the module."""
-    code = ("import sys; from ldm_engine.cli import build_parser; "
+    code = ("import sys; from ldm_engine.apps.cli import build_parser; "
             "build_parser().parse_args(['img2img', 'p', '--image', 'x.png']); "
             "print('torch' in sys.modules, 'pipelines' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -13,7 +13,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from ldm_engine.cli import BUNDLED_MODEL, main
+from ldm_engine.apps.cli import BUNDLED_MODEL, main
 from ldm_engine.components import build_random, load_model, save_model
 from ldm_engine.configs import SD1, SD2, TINY, ModelFamily, TextEncoderConfig, UNetConfig
 from ldm_engine.convert import convert, load_state

@@ -14,7 +14,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from ldm_engine.cli import main
+from ldm_engine.apps.cli import main
 from ldm_engine.convert import convert
 from ldm_engine.errors import ModelFolderError, UserInputError
 from ldm_engine.inspection import inspect_path

@@ -21,7 +21,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from ldm_engine.cli import main
+from ldm_engine.apps.cli import main
 from ldm_engine.convert import convert
 from ldm_engine.convert import ckpt
 from ldm_engine.convert.ckpt import load_pickle

@@ -13,7 +13,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from transformers import CLIPTextModel
 
-from ldm_engine.cli import BUNDLED_MODEL
+from ldm_engine.apps.cli import BUNDLED_MODEL
 from ldm_engine.components import build_random, save_model, save_text_encoder
 from ldm_engine.configs import TINY
 from ldm_engine.convert import convert

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ldm_engine import compiled, precision
-from ldm_engine.cli import main
+from ldm_engine.apps.cli import main
 from ldm_engine.compiled import AOTCompiled, weights_fingerprint
 from ldm_engine.components import load_model
 from ldm_engine.configs import TINY

@@ -125,7 +125,7 @@ def test_bundled_model_inversion_reconstructs_the_image():
     inverted latent of another scene) falls far below it."""
     from dataclasses import replace
 
-    from ldm_engine.cli import BUNDLED_MODEL
+    from ldm_engine.apps.cli import BUNDLED_MODEL
     from pipelines.inversion import psnr
     from train.shapes import Scene, ShapeObject, caption, render
 

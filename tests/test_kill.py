@@ -80,19 +80,19 @@ class LdmProcess:
 
 
 def forked_convert(argv: list[str]) -> None:
-    from ldm_engine.cli import main
+    from ldm_engine.apps.cli import main
     sys.exit(main(argv))
 
 
 class ForkedMain:
-    """`ldm_engine.cli.main(["convert", ...])` in a child of a preloaded forkserver."""
+    """`ldm_engine.apps.cli.main(["convert", ...])` in a child of a preloaded forkserver."""
 
     context = None
 
     def __init__(self, src: Path, dst: Path):
         if ForkedMain.context is None:
             ForkedMain.context = multiprocessing.get_context("forkserver")
-            ForkedMain.context.set_forkserver_preload(["ldm_engine.cli", "ldm_engine.convert"])
+            ForkedMain.context.set_forkserver_preload(["ldm_engine.apps.cli", "ldm_engine.convert"])
         self.proc = ForkedMain.context.Process(
             target=forked_convert, args=(["convert", str(src), str(dst), "--overwrite"],))
         self.proc.start()

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image, PngImagePlugin
 
 from ldm_engine import modelhash
-from ldm_engine.cli import main
+from ldm_engine.apps.cli import main
 from ldm_engine.components import TEXT_WEIGHTS, UNET_WEIGHTS, VAE_WEIGHTS
 from ldm_engine.errors import UserInputError
 from pipelines import (GenerationParams, HiresFix, InexactRemakeWarning, TextToImage,

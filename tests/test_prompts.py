@@ -12,7 +12,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-from ldm_engine.cli import main
+from ldm_engine.apps.cli import main
 from ldm_engine.errors import UserInputError
 from pipelines import TextToImage, read_png_params
 from pipelines.params import GenerationParams

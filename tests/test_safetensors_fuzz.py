@@ -22,7 +22,7 @@ import safetensors
 import safetensors.torch
 import torch
 
-from ldm_engine.cli import main
+from ldm_engine.apps.cli import main
 from ldm_engine.convert import convert
 from ldm_engine.errors import ModelFolderError
 from ldm_engine.formats import check_safetensors, read_safetensors

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 import pipelines.sampler_names as names
-from ldm_engine.cli import main
+from ldm_engine.apps.cli import main
 from ldm_engine.errors import UserInputError
 from pipelines.txt2img import default_eta
 from pipelines import GenerationParams

@@ -506,7 +506,7 @@ def test_cli_generate_with_a_sampler(pipe, tiny_dir, tmp_path, name):
     import numpy as np
     from PIL import Image
 
-    from ldm_engine.cli import main
+    from ldm_engine.apps.cli import main
     from pipelines import read_png_params
     out = tmp_path / "s.png"
     assert main(["generate", "a red circle", "--model", str(tiny_dir), "--out", str(out),

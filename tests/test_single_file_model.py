@@ -13,7 +13,7 @@ import safetensors.torch
 import torch
 from PIL import Image
 
-from ldm_engine.cli import main
+from ldm_engine.apps.cli import main
 from ldm_engine.components import load_model, vae_factor_of
 from ldm_engine.convert import convert
 from ldm_engine.convert.errors import UnsafeCheckpointError

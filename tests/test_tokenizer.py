@@ -24,7 +24,7 @@ from transformers import CLIPTokenizer
 
 from ldm_engine import tokenizer as tokenizer_module
 from ldm_engine import vocab as vocab_module
-from ldm_engine.cli import main as cli_main
+from ldm_engine.apps.cli import main as cli_main
 from ldm_engine.components import load_model
 from ldm_engine.errors import ModelFolderError
 from ldm_engine.tokenizer import (

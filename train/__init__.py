@@ -6,8 +6,6 @@
 
 from __future__ import annotations
 
-import ldm_engine  # noqa: F401  (first: sets torch's allocator options before torch loads)
-
 from pathlib import Path
 
 from .config import TrainConfig, load_config

@@ -14,10 +14,8 @@ from typing import Any, Literal
 
 import yaml
 
-import ldm_engine
-
 # The models that ship inside the package (the bundled default model).
-BUNDLED_MODELS = Path(ldm_engine.__file__).resolve().parent / "models"
+from ldm_engine.paths import BUNDLED_MODELS
 
 Stage = Literal["clip", "vae", "unet"]
 # Per-stage autocast. bf16 needs no loss scaling and runs fast on CPUs with AVX-512-bf16 and on

@@ -8,19 +8,16 @@ writers never need to know what the reader was.
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
 
-import torch  # noqa: E402
-from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: E402
-from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
-
-from ..tokenizer import PadMode  # noqa: E402
-from .errors import CheckpointError  # noqa: E402
-from .keys_text import TextLayout  # noqa: E402
+from ..tokenizer import PadMode
+from .errors import CheckpointError
+from .keys_text import TextLayout
 
 COMPONENTS = ("unet", "vae", "text_encoder")
 

@@ -7,7 +7,7 @@ approximate deep cache). Each engine runs in its own subprocess so its peak RSS 
 Alongside, the run measures this CPU's fp32 and bf16 matmul peaks and counts the UNet's FLOPs,
 which gives the floor: the time a UNet step would take if every FLOP ran at peak matmul speed.
 
-    python -m ldm_engine.bench --out BENCHMARKS.md
+    python -m ldm_engine.apps.bench --out BENCHMARKS.md
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ SEED = 0
 
 
 def ensure_model(path: Path) -> Path:
-    from .components import build_random, save_model
-    from .configs import SD1
+    from ldm_engine.components import build_random, save_model
+    from ldm_engine.configs import SD1
 
     if not (path / "model_index.json").is_file():
         save_model(build_random(SD1, seed=0), path, overwrite=True)
@@ -170,7 +170,7 @@ def worker(engine: Engine, model: Path, steps: int, size: int, runs: int) -> dic
 
 
 def run_worker(engine: Engine, model: Path, steps: int, size: int, runs: int) -> dict:
-    cmd = [sys.executable, "-m", "ldm_engine.bench", "--worker", engine.name, "--model",
+    cmd = [sys.executable, "-m", "ldm_engine.apps.bench", "--worker", engine.name, "--model",
            str(model), "--steps", str(steps), "--size", str(size), "--runs", str(runs)]
     env = dict(os.environ, LDM_CACHE_DIR=str(BENCH_DIR / "cache"),
                THP_MEM_ALLOC_ENABLE="1" if engine.huge_pages else "0")
@@ -328,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     given = sys.argv[1:] if argv is None else argv
     command = ("make bench" if given == ["--out", "BENCHMARKS.md"]
-               else " ".join([".venv/bin/python -m ldm_engine.bench", *given]))
+               else " ".join([".venv/bin/python -m ldm_engine.apps.bench", *given]))
     if "approximations" in args.sections:
         text = approximations_report(command)
         print(text, flush=True)
@@ -374,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def write_section(path: Path, key: str, text: str) -> None:
     """Replace (or append) the block between markers, so other benchmark sections are kept."""
-    from .fsutil import write_bytes_atomic
+    from ldm_engine.fsutil import write_bytes_atomic
 
     begin, end = f"<!-- bench:{key} -->", f"<!-- /bench:{key} -->"
     old = path.read_text() if path.exists() else "# Benchmarks\n\n"

@@ -18,19 +18,18 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import UserInputError
-from .limits import MAX_AREA_FACTOR, MAX_IMAGES, MAX_SIDE_FACTOR   # (no torch: keeps --help fast)
+from ldm_engine.errors import UserInputError
+from ldm_engine.limits import MAX_AREA_FACTOR, MAX_IMAGES, MAX_SIDE_FACTOR   # (no torch: keeps --help fast)
+# The model trained by this project and shipped inside the package (see `make train-default`).
+from ldm_engine.paths import BUNDLED_MODEL
 
 if TYPE_CHECKING:
     from pipelines import GenerationParams
 
-    from .config_check import ModelShape
+    from ldm_engine.config_check import ModelShape
 
 # As ldm_engine.precision.DTYPE_CHOICES, spelled out so `ldm --help` need not import torch.
 DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
-
-# The model trained by this project and shipped inside the package (see `make train-default`).
-BUNDLED_MODEL = Path(__file__).parent / "models" / "default"
 
 
 def _default_model() -> Path:
@@ -89,7 +88,7 @@ def cmd_make(args: argparse.Namespace) -> int:
     """Every image-making command: build its mode's request, check it, load, run, save."""
     from pipelines import InexactRemakeWarning, TextToImage
 
-    from .components import model_shape_of, vae_factor_of
+    from ldm_engine.components import model_shape_of, vae_factor_of
 
     command = args.command
     with _warnings_to_stderr(command, InexactRemakeWarning):
@@ -314,7 +313,7 @@ def _save_extras(args: argparse.Namespace, pipe, result) -> None:
     vary --psnr, how well the inversion reconstructs the image."""
     from pipelines.images import image_grid, save_animation
 
-    from .fsutil import atomic_path
+    from ldm_engine.fsutil import atomic_path
 
     if args.command in SEQUENCES and len(result.images) > 1:
         grid = _grid_path(args.out)
@@ -350,7 +349,7 @@ def _check_request_early(request: GenerationParams, model: Path, shape: ModelSha
     from pipelines.pnginfo import check_storable
     from schedulers import load_schedule_config
 
-    from .limits import check_size
+    from ldm_engine.limits import check_size
 
     # check_model_folder (via model_shape_of) has validated the scheduler config already.
     schedule = load_schedule_config(model / "scheduler") if shape is not None else None
@@ -414,7 +413,7 @@ def check_writable(paths: list[Path]) -> None:
     temporary naming, removed at once) because permission bits alone do not say so (root, ACLs,
     read-only mounts, /proc).
     """
-    from .fsutil import temp_path
+    from ldm_engine.fsutil import temp_path
 
     probed: set[Path] = set()
     for path in paths:
@@ -443,7 +442,7 @@ def check_writable(paths: list[Path]) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .inspection import format_report, inspect_path
+    from ldm_engine.inspection import format_report, inspect_path
 
     with _warnings_to_stderr("inspect"):
         print(format_report(inspect_path(args.path, trust_pickle=args.trust_pickle)))
@@ -451,7 +450,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .convert import convert
+    from ldm_engine.convert import convert
 
     with _warnings_to_stderr("convert"):
         report = convert(args.src, args.dst, to=args.to, dtype=args.dtype, ema=args.ema,
@@ -479,7 +478,7 @@ def _warnings_to_stderr(command: str, *categories: type[Warning]):
     follow Python's filters (once per place). main() wraps every command in this; a command may
     nest it to make more categories show every time.
     """
-    from .convert.ckpt import UnsafeLoadWarning
+    from ldm_engine.convert.ckpt import UnsafeLoadWarning
 
     with warnings.catch_warnings():
         for category in (UnsafeLoadWarning, *categories):
@@ -514,12 +513,10 @@ _LIBRARY_LOGGERS = ("transformers", "diffusers")
 @contextlib.contextmanager
 def _logs_to_stderr(command: str):
     """Logged warnings (ours, transformers', diffusers') as one `ldm CMD: warning:` line each."""
-    # Every command imports these anyway; components first, as it makes sure no hub is
-    # contacted (HF_HUB_OFFLINE) before huggingface_hub reads its settings.
+    # Every command imports these anyway (no hub is contacted: ldm_engine/__init__.py has set
+    # HF_HUB_OFFLINE before huggingface_hub reads its settings).
     import diffusers
     import transformers
-
-    from . import components  # noqa: F401
 
     # Both libraries give their root logger its own handler (and stop propagation) lazily, on
     # first use; doing it now means that first use cannot happen inside this block, replacing
