@@ -5,7 +5,10 @@ PIP    := $(PY) -m pip
 # torch is not pinned in setup.cfg (CUDA users bring their own build). A fresh venv gets this one;
 # override with `make install TORCH=torch` for the newest build from the index.
 TORCH  ?= torch==2.13.0
-STAMP  := $(VENV)/.installed
+# Optional extras beside the test tools: e.g. `make install EXTRAS=dev,ray,browser`.
+EXTRAS ?= dev
+comma  := ,
+STAMP  := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 PYTEST := $(PY) -m pytest
 
 .PHONY: install test test-slow bench demo eval eval-modes train-default clean
@@ -18,7 +21,7 @@ $(STAMP): setup.cfg pyproject.toml
 	@# Pin whatever torch is now in the venv, so nothing below swaps it for another build.
 	$(PY) -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(VENV)/constraints.txt
 	@# CLIP's BPE vocabulary comes from openai-clip (ftfy, regex, tqdm: no torchvision).
-	$(PIP) install -q -c $(VENV)/constraints.txt -e ".[dev]"
+	$(PIP) install -q -c $(VENV)/constraints.txt -e ".[$(EXTRAS)]"
 	@# Test reference only: k-diffusion's sampling.py/external.py need torch, scipy, torchsde and
 	@# torchdiffeq (in [dev]); its declared deps (torchvision, wandb, kornia, ...) are not wanted.
 	$(PIP) install -q --no-deps k-diffusion==0.1.1.post1
@@ -27,7 +30,12 @@ $(STAMP): setup.cfg pyproject.toml
 test: install
 	$(PYTEST) -q
 
-test-slow: install
+# The slow tests include the web UI in a real browser (Debian's Chromium: installed here when
+# apt-get can) and Ray Serve replicas; those skip, saying why, where their parts are missing.
+test-slow:
+	$(MAKE) install EXTRAS=dev,ray,browser
+	test -x /usr/bin/chromium || (command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+		apt-get update -qq && apt-get install -y -qq chromium) || true
 	$(PYTEST) -q -m slow
 
 # The whole matrix (256 and 512 px, 10 and 20 steps, six engines, each alone on the CPU) takes

@@ -32,10 +32,9 @@ from . import params
 from .images import read_image_bytes
 from .params import GenerationParams, HiresFix
 
-# Per-image fields the run fills in (which frame / amount an image is); not a client's to set.
-RUN_FIELDS = frozenset({"frame", "amount"})
-# Hashes are of the images the request holds, computed by the request itself.
-HASH_FIELDS = frozenset({"init_image_hash", "mask_hash", "end_image_hash"})
+# Hashes of the images a request holds, computed by the request itself from the image. A client
+# may send one (the JSON form of a result carries them); with the image it must agree.
+HASH_FIELDS = {"init_image_hash": "init_image", "mask_hash": "mask", "end_image_hash": "end_image"}
 
 # Default limits on an uploaded image: 16 MP (4096 x 4096) decoded, 32 MB encoded.
 MAX_IMAGE_PIXELS = 4096 * 4096
@@ -107,7 +106,7 @@ def request_from_json(data: object, *, max_pixels: int = MAX_IMAGE_PIXELS,
     cls = types_[mode]
     hints = typing.get_type_hints(cls, vars(params))
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    allowed = [n for n in fields if n not in RUN_FIELDS | HASH_FIELDS]
+    allowed = list(fields)
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         if key == "mode":
@@ -122,6 +121,11 @@ def request_from_json(data: object, *, max_pixels: int = MAX_IMAGE_PIXELS,
         request = cls(**kwargs)
     except TypeError as e:                          # a required field of the type is missing
         raise UserInputError(f"bad {mode} request: {e}") from None
+    for hash_field, image_field in HASH_FIELDS.items():
+        if (hash_field in kwargs and kwargs.get(image_field) is not None
+                and kwargs[hash_field] not in ("", getattr(request, hash_field))):
+            raise UserInputError(f"{hash_field} {kwargs[hash_field]!r} is not the hash of the "
+                                 f"{image_field} sent ({getattr(request, hash_field)})")
     request.validate()
     return request
 
