@@ -1000,6 +1000,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds per prompt")
     e.add_argument("--grid", help="also save a grid of one image per prompt to this PNG")
     e.set_defaults(func=cmd_eval)
+
+    # `serve` and `ui`: their parsers import no server library (FastAPI, torch) until they run.
+    from ldm_engine.apps.server.cli_serve import add_serve_parsers
+    add_serve_parsers(sub)
     return parser
 
 
