@@ -68,3 +68,10 @@ train-default: install
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
+
+# The load test of `ldm serve` on the bundled model (batching off, on, and over capacity, each on
+# its own fresh server subprocess), appended to BENCHMARKS.md with its command.
+.PHONY: bench-serve
+bench-serve: install
+	$(PY) -m ldm_engine.apps.server.loadtest --suite --requests 200 --concurrency 16 --steps 8 \
+		--append BENCHMARKS.md

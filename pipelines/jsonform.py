@@ -59,7 +59,7 @@ def decode_image(text: object, what: str, *, max_pixels: int = MAX_IMAGE_PIXELS,
     """A base64 image string (optionally a data: URL) -> PIL image; one-line errors."""
     if not isinstance(text, str):
         raise UserInputError(f"{what} must be a base64-encoded image string, got "
-                             f"{_json_type(text)}")
+                             f"{json_type(text)}")
     if text.startswith("data:"):
         head, sep, text = text.partition(",")
         if not sep or ";base64" not in head:
@@ -98,7 +98,7 @@ def request_from_json(data: object, *, max_pixels: int = MAX_IMAGE_PIXELS,
     here; the pipeline adds the model's own (size limits, steps of its schedule).
     """
     if not isinstance(data, dict):
-        raise UserInputError(f"a request must be a JSON object, got {_json_type(data)}")
+        raise UserInputError(f"a request must be a JSON object, got {json_type(data)}")
     types_ = request_types()
     mode = data.get("mode", "txt2img")
     if mode not in types_:
@@ -149,7 +149,7 @@ def _value(name: str, value: object, hint: object, **limits) -> object:
         return value
     if origin is tuple:
         if not isinstance(value, list):
-            raise UserInputError(f"{name} must be a list, got {_json_type(value)}")
+            raise UserInputError(f"{name} must be a list, got {json_type(value)}")
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_value(f"{name}[{i}]", v, args[0], **limits) for i, v in enumerate(value))
         if len(value) != len(args):
@@ -159,31 +159,31 @@ def _value(name: str, value: object, hint: object, **limits) -> object:
                      for i, (v, a) in enumerate(zip(value, args)))
     if hint is bool:
         if not isinstance(value, bool):
-            raise UserInputError(f"{name} must be true or false, got {_json_type(value)}")
+            raise UserInputError(f"{name} must be true or false, got {json_type(value)}")
         return value
     if hint is int:
         # JSON has one number type: 20 and 20.0 are both an integer count; 20.5 is not.
         if isinstance(value, float) and value.is_integer():
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
-            raise UserInputError(f"{name} must be an integer, got {_json_type(value)}")
+            raise UserInputError(f"{name} must be an integer, got {json_type(value)}")
         return value
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise UserInputError(f"{name} must be a number, got {_json_type(value)}")
+            raise UserInputError(f"{name} must be a number, got {json_type(value)}")
         if not math.isfinite(value):
             raise UserInputError(f"{name} must be a finite number, got {value!r}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
-            raise UserInputError(f"{name} must be a string, got {_json_type(value)}")
+            raise UserInputError(f"{name} must be a string, got {json_type(value)}")
         return value
     raise TypeError(f"no JSON form for field {name} of type {hint!r}")   # a new field type
 
 
 def _hires(value: object) -> HiresFix:
     if not isinstance(value, dict):
-        raise UserInputError(f"hires must be an object or null, got {_json_type(value)}")
+        raise UserInputError(f"hires must be an object or null, got {json_type(value)}")
     hints = typing.get_type_hints(HiresFix, vars(params))
     unknown = sorted(set(value) - set(hints))
     if unknown:
@@ -192,7 +192,7 @@ def _hires(value: object) -> HiresFix:
     return HiresFix(**{k: _value(f"hires.{k}", v, hints[k]) for k, v in value.items()})
 
 
-def _json_type(value: object) -> str:
+def json_type(value: object) -> str:
     """How JSON would name the type of a decoded value (messages speak the client's terms)."""
     if value is None:
         return "null"

@@ -51,7 +51,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from ldm_engine.errors import UserInputError
-from pipelines.jsonform import decode_image
+from pipelines.jsonform import decode_image, json_type
 from pipelines.params import GenerationParams, HiresFix, ImageToImageParams, InpaintParams
 from pipelines.pnginfo import (RESIZE_NAMES, UPSCALER_NAMES, engine_version,
                                parse_parameters)
@@ -137,14 +137,6 @@ def error_response(status: int, message: object,
 
 # --- reading a body ---------------------------------------------------------------------------
 
-def _kind(value: object) -> str:
-    if value is None or isinstance(value, bool):
-        return json.dumps(value)
-    if isinstance(value, (int, float)):
-        return f"number {value!r}"
-    if isinstance(value, str):
-        return f"string {value[:40]!r}"
-    return "a list" if isinstance(value, list) else "an object"
 
 
 class _Fields:
@@ -166,7 +158,7 @@ class _Fields:
         if isinstance(value, float) and value.is_integer():
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
-            raise UserInputError(f"{key} must be an integer, got {_kind(value)}")
+            raise UserInputError(f"{key} must be an integer, got {json_type(value)}")
         if low is not None and value < low:
             raise UserInputError(f"{key} must be >= {low}, got {value}")
         return value
@@ -177,13 +169,13 @@ class _Fields:
             return None
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(
                 value):
-            raise UserInputError(f"{key} must be a finite number, got {_kind(value)}")
+            raise UserInputError(f"{key} must be a finite number, got {json_type(value)}")
         return float(value)
 
     def text(self, key: str) -> str | None:
         value = self.raw(key)
         if value is not None and not isinstance(value, str):
-            raise UserInputError(f"{key} must be a string, got {_kind(value)}")
+            raise UserInputError(f"{key} must be a string, got {json_type(value)}")
         return value
 
     def flag(self, key: str, default: bool) -> bool:
@@ -193,7 +185,7 @@ class _Fields:
             return default
         if isinstance(value, bool) or value in (0, 1):
             return bool(value)
-        raise UserInputError(f"{key} must be true or false, got {_kind(value)}")
+        raise UserInputError(f"{key} must be true or false, got {json_type(value)}")
 
     def neutral(self, table: tuple[tuple[str, Callable[[Any], bool], str], ...]) -> None:
         """Fields accepted and ignored, each only at values where ignoring it is exact."""
@@ -322,13 +314,13 @@ def _overrides(fields: _Fields, options: Options, models: list[dict]) -> tuple[s
     if settings is None:
         settings = {}
     if not isinstance(settings, dict):
-        raise UserInputError(f"override_settings must be an object, got {_kind(settings)}")
+        raise UserInputError(f"override_settings must be an object, got {json_type(settings)}")
     model, clip_skip = options.model, options.clip_skip
     for key, value in settings.items():
         if key == "sd_model_checkpoint":
             if not isinstance(value, str):
                 raise UserInputError(f"override_settings.sd_model_checkpoint must be a model "
-                                     f"title, got {_kind(value)}")
+                                     f"title, got {json_type(value)}")
             model = served_model(models, value)
         elif key == "CLIP_stop_at_last_layers":
             clip_skip = _clip_skip(value, "override_settings.CLIP_stop_at_last_layers")
@@ -347,7 +339,7 @@ def _clip_skip(value: object, name: str) -> int:
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
-        raise UserInputError(f"{name} must be an integer, got {_kind(value)}")
+        raise UserInputError(f"{name} must be an integer, got {json_type(value)}")
     check_clip_skip(value)
     return value
 
@@ -430,7 +422,7 @@ def img2img_job(data: object, options: Options, models: list[dict], *, max_pixel
     fields.neutral(IMG2IMG_NEUTRAL)
     images = fields.raw("init_images")
     if not isinstance(images, list) or len(images) != 1:
-        got = f"{len(images)} images" if isinstance(images, list) else _kind(images)
+        got = f"{len(images)} images" if isinstance(images, list) else json_type(images)
         raise UserInputError(f"init_images must be a list of one base64 image, got {got}")
     request["init_image"] = decode_image(images[0], "init_images[0]", max_pixels=max_pixels,
                                          max_bytes=max_bytes)
@@ -489,7 +481,7 @@ def _inpaint(fields: _Fields, mask: object, *, max_pixels: int, max_bytes: int) 
 
 def _body(data: object, where: str) -> _Fields:
     if not isinstance(data, dict):
-        raise UserInputError(f"the body of {where} must be a JSON object, got {_kind(data)}")
+        raise UserInputError(f"the body of {where} must be a JSON object, got {json_type(data)}")
     return _Fields(data, where)
 
 
@@ -779,7 +771,7 @@ def a1111_router(service) -> APIRouter:
     async def set_options(request: Request):
         data = await body_of(request)
         if not isinstance(data, dict):
-            raise UserInputError(f"the options must be a JSON object, got {_kind(data)}")
+            raise UserInputError(f"the options must be a JSON object, got {json_type(data)}")
         options = holder.get()
         for key, value in data.items():
             if key == "sd_model_checkpoint":

@@ -39,6 +39,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ldm_engine.errors import UserInputError
+from pipelines.jsonform import json_type, request_from_json
 
 from .config import Limits, key_matches
 from .service import JobService, QueueFull, UnknownModel
@@ -231,12 +232,10 @@ class UnsupportedMediaType(Exception):
 
 def job_body(data: object, limits: Limits, *, extra: tuple[str, ...] = ()) -> dict:
     """{"request", "num_images", "model"} of a job body, checked; the request parsed strictly."""
-    from pipelines.jsonform import request_from_json
-
     allowed = JOB_FIELDS + extra
     if not isinstance(data, dict):
         raise UserInputError('the body must be a JSON object {"request": {...}, "num_images": '
-                             f'1, "model": null}}, got {_json_kind(data)}')
+                             f'1, "model": null}}, got {json_type(data)}')
     unknown = [k for k in data if k not in allowed]
     if unknown:
         raise UserInputError(f"unknown field {unknown[0][:60]!r} in the body; valid fields: "
@@ -248,26 +247,18 @@ def job_body(data: object, limits: Limits, *, extra: tuple[str, ...] = ()) -> di
     if isinstance(num_images, float) and num_images.is_integer():
         num_images = int(num_images)
     if isinstance(num_images, bool) or not isinstance(num_images, int):
-        raise UserInputError(f"num_images must be an integer, got {_json_kind(num_images)}")
+        raise UserInputError(f"num_images must be an integer, got {json_type(num_images)}")
     if not 1 <= num_images <= limits.max_images:
         raise UserInputError(f"num_images must be 1-{limits.max_images}, got {num_images}")
     model = data.get("model")
     if model is not None and not isinstance(model, str):
         raise UserInputError(f"model must be a model name (GET /v1/models) or null, got "
-                             f"{_json_kind(model)}")
+                             f"{json_type(model)}")
     request = request_from_json(data["request"], max_pixels=limits.max_image_pixels,
                                 max_bytes=limits.max_image_bytes)
     return {"request": request, "num_images": num_images, "model": model}
 
 
-def _json_kind(value: object) -> str:
-    if value is None or isinstance(value, bool):
-        return json.dumps(value)
-    if isinstance(value, (int, float)):
-        return f"number {value!r}"
-    if isinstance(value, str):
-        return f"string {value[:40]!r}"
-    return "a list" if isinstance(value, list) else "an object"
 
 
 def _timeout_of(data: dict) -> float:
