@@ -1,5 +1,6 @@
-"""The Gradio web UI (ldm_engine.apps.server.webui): its handlers over a real JobService on the
-bundled model, and (slow) the page itself in headless Chromium driven by Playwright."""
+"""The Gradio web UI (ldm_engine.apps.server.webui, its handlers in webui_handlers): the handlers
+over a real JobService on the bundled model, and (slow) the page itself in headless Chromium
+driven by Playwright."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import gradio as gr  # noqa: E402
 
 from ldm_engine.apps.server import webui  # noqa: E402
+from ldm_engine.apps.server import webui_handlers as handlers  # noqa: E402
 from ldm_engine.apps.server.config import ServerConfig, hash_key  # noqa: E402
 from ldm_engine.apps.server.jobs import JobState  # noqa: E402
 from ldm_engine.apps.server.service import JobService  # noqa: E402
@@ -45,8 +47,8 @@ def service(tmp_path_factory):
 def run(service, mode="txt2img", **kwargs):
     """Every update of one generation, its settings from kwargs (images passed through)."""
     extra = {k: kwargs.pop(k) for k in ("image", "editor", "strength") if k in kwargs}
-    settings = webui.Settings(**{"prompt": "a red circle", "steps": 4, "seed": 5} | kwargs)
-    return list(webui.generate(service, mode, settings, poll=POLL, **extra))
+    settings = handlers.Settings(**{"prompt": "a red circle", "steps": 4, "seed": 5} | kwargs)
+    return list(handlers.generate(service, mode, settings, poll=POLL, **extra))
 
 
 def pixels(path) -> np.ndarray:
@@ -112,13 +114,13 @@ def test_png_info_and_replay_remake_the_same_image(service):
     first = run(service, prompt="a cat, (on a mat:1.2)", negative_prompt="dog", steps=6,
                 seed=9, guidance_scale=5.0, sampler="dpmpp_2m_karras")[-1]
     path = first.images[0][0]
-    text = webui.png_info(path)
+    text = handlers.png_info(path)
     assert text == first.info
-    settings, notes = webui.replay(service, text)
+    settings, notes = handlers.replay(service, text)
     assert notes == []
     assert (settings.prompt, settings.seed, settings.steps, settings.sampler) == (
         "a cat, (on a mat:1.2)", 9, 6, "dpmpp_2m_karras")
-    again = list(webui.generate(service, "txt2img", settings, poll=POLL))[-1]
+    again = list(handlers.generate(service, "txt2img", settings, poll=POLL))[-1]
     np.testing.assert_array_equal(pixels(path), pixels(again.images[0][0]))
     assert again.info == first.info
 
@@ -127,22 +129,22 @@ def test_png_info_refuses_a_png_without_parameters(tmp_path):
     plain = tmp_path / "plain.png"
     Image.new("RGB", (8, 8)).save(plain)
     with pytest.raises(gr.Error, match="no generation parameters"):
-        webui.png_info(str(plain))
-    assert webui.png_info(None) == ""
+        handlers.png_info(str(plain))
+    assert handlers.png_info(None) == ""
 
 
 def test_replay_names_what_txt2img_cannot_reproduce(service):
     text = ("a tree\nSteps: 5, Sampler: DDIM, CFG scale: 7.0, Seed: 3, Size: 64x64, "
             "Model: elsewhere, Clip skip: 2")
-    settings, notes = webui.replay(service, text)
+    settings, notes = handlers.replay(service, text)
     assert settings.model is None and (settings.width, settings.height) == (64, 64)
     assert any("clip skip is 2" in n for n in notes)
     assert any("'elsewhere' is not served" in n for n in notes)
     bf16 = text.replace("Model: elsewhere", "Model: default, Dtype: bf16")
-    _, notes = webui.replay(service, bf16)
+    _, notes = handlers.replay(service, bf16)
     assert any("dtype is bf16, this server's is fp32" in n for n in notes)
     with pytest.raises(gr.Error, match="settings line"):
-        webui.replay(service, "just a prompt")
+        handlers.replay(service, "just a prompt")
 
 
 def square(image_size=64, box=(16, 16, 40, 40)) -> Image.Image:
@@ -157,7 +159,7 @@ def test_inpaint_uses_the_painted_layer_as_mask(service):
     editor = {"background": background, "layers": [square()], "composite": None}
     last = run(service, "inpaint", editor=editor, strength=1.0)[-1]
     assert last.state is JobState.DONE
-    image, mask = webui.editor_images(editor)
+    image, mask = handlers.editor_images(editor)
     assert mask.getbbox() == (16, 16, 41, 41)
     params = parse_parameters(last.info)
     assert params.mode == "inpaint" and params.mask_hash == image_hash(mask)
@@ -175,7 +177,7 @@ def test_inpaint_refuses_no_image_and_an_empty_mask(service):
 
 def test_img2img_and_send_to_img2img(service):
     first = run(service)[-1]
-    path = webui.selected_image([(p, c) for p, c in first.images], 0)
+    path = handlers.selected_image([(p, c) for p, c in first.images], 0)
     with Image.open(path) as im:
         image = im.convert("RGB")
     last = run(service, "img2img", image=image, strength=0.5)[-1]
@@ -185,27 +187,27 @@ def test_img2img_and_send_to_img2img(service):
     with pytest.raises(gr.Error, match="needs an image"):
         run(service, "img2img", image=None)
     with pytest.raises(gr.Error, match="generate one first"):
-        webui.selected_image(None, None)
+        handlers.selected_image(None, None)
 
 
 def test_cancel_ends_the_followed_job(service):
-    settings = webui.Settings(prompt="long", steps=150, seed=1)
-    updates = webui.generate(service, "txt2img", settings, poll=POLL)
+    settings = handlers.Settings(prompt="long", steps=150, seed=1)
+    updates = handlers.generate(service, "txt2img", settings, poll=POLL)
     first = next(updates)
     for update in updates:
         if update.state is JobState.RUNNING:
-            assert webui.cancel(service, update.job_id) == "cancelling..."
+            assert handlers.cancel(service, update.job_id) == "cancelling..."
             break
     rest = list(updates)
     assert rest[-1].state is JobState.CANCELLED and rest[-1].images == ()
     assert rest[-1].status.startswith("cancelled after ")
     assert service.get(first.job_id).state is JobState.CANCELLED
-    assert webui.cancel(service, None) == "nothing to cancel"
+    assert handlers.cancel(service, None) == "nothing to cancel"
 
 
 def test_closing_the_handler_cancels_its_job(service):
-    updates = webui.generate(service, "txt2img", webui.Settings(prompt="left", steps=150),
-                             poll=POLL)
+    updates = handlers.generate(service, "txt2img", handlers.Settings(prompt="left", steps=150),
+                                poll=POLL)
     job_id = next(updates).job_id
     updates.close()                     # what Gradio does when the browser goes away
     assert service.wait(job_id, timeout=30).state is JobState.CANCELLED
@@ -214,7 +216,8 @@ def test_closing_the_handler_cancels_its_job(service):
 def test_a_full_queue_is_a_message_not_a_wait(tmp_path):
     config = ServerConfig(models=(BUNDLED_MODEL,), out_dir=tmp_path, queue_size=1)
     with JobService(config, start_workers=False) as idle:      # nothing runs: jobs wait
-        idle.submit(webui.build_request("txt2img", webui.Settings(prompt="first", steps=4)))
+        idle.submit(handlers.build_request("txt2img",
+                                           handlers.Settings(prompt="first", steps=4)))
         with pytest.raises(gr.Error, match=r"queue is full; try again in \d+ s"):
             run(idle)
         assert len(idle.list_jobs()) == 1
