@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from ldm_engine.apps.server.loadtest import free_port, serve_command, wait_healthy
+from ldm_engine.apps.server.loadtest import free_port, serve_command, stop_server, wait_healthy
 from ldm_engine.paths import BUNDLED_MODEL
 
 httpx = pytest.importorskip("httpx")
@@ -49,16 +49,6 @@ def start(model: Path, out: Path, *, max_batch: int) -> tuple[subprocess.Popen, 
         process.kill()
         raise
     return process, url
-
-
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def views(url: str, ids: list[str]) -> dict[str, dict]:
@@ -132,7 +122,7 @@ def kill_mid_run(model: Path, tmp_path: Path, bodies: list[dict], *, max_batch: 
     try:
         final = wait_all(url, ids, timeout)
     finally:
-        stop(process)
+        stop_server(process)
 
     assert [v["state"] for v in final.values()] == ["done"] * len(ids), final
     # Those running at the kill ran again (attempts counts claims).

@@ -353,13 +353,18 @@ def running_server(*, model: Path, out_dir: Path, max_batch: int, queue_size: in
         wait_healthy(url, process, start_timeout, log)
         yield url, process
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_server(process)
+
+
+def stop_server(process: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGTERM (the server finishes or re-queues its running batch), SIGKILL if it hangs."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 # --- the report ---------------------------------------------------------------------------------
