@@ -10,14 +10,12 @@ webuiapi's set_auth sends).
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import functools
 import json
 import logging
 import math
 import threading
-import time
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
@@ -27,9 +25,10 @@ from ldm_engine.errors import UserInputError
 from pipelines.jsonform import json_type
 
 from .a1111_fields import (PREFIX, A1111Job, HTTPFailure, Options, clip_skip_of, echo_body,
-                           img2img_job, info_json, png_info, read_images, samplers_list,
-                           schedulers_list, served_model, timestamp, title, txt2img_job)
-from .jobs import JobState, JobView
+                           img2img_job, info_json, png_info, progress_json, read_images,
+                           samplers_list, schedulers_list, sd_model_json, served_model,
+                           sha256_of, title, txt2img_job)
+from .jobs import JobState
 
 log = logging.getLogger("ldm_engine.apps.server.a1111")
 
@@ -49,7 +48,6 @@ class _Holder:
     def set(self, options: Options) -> None:
         with self._lock:
             self._options = options
-
 
 
 def error_response(status: int, message: object,
@@ -192,7 +190,7 @@ def a1111_router(service) -> APIRouter:
         name = await run_in_threadpool(default_model, options)
         entry = await run_in_threadpool(model_entry, name)
         return {"sd_model_checkpoint": title(entry) if entry else name,
-                "sd_checkpoint_hash": await run_in_threadpool(_sha256, entry),
+                "sd_checkpoint_hash": await run_in_threadpool(sha256_of, entry),
                 "CLIP_stop_at_last_layers": options.clip_skip, "eta_noise_seed_delta": 0,
                 "sd_vae": "Automatic", "samples_format": "png"}
 
@@ -225,55 +223,3 @@ def a1111_router(service) -> APIRouter:
         return await run_in_threadpool(png_info, data, max_bytes=limits.max_image_bytes)
 
     return router
-
-
-def progress_json(running: list[JobView], waiting: int, *, skip_current_image: bool) -> dict:
-    """A1111's ProgressResponse for the oldest running job; job_count counts the running and
-    queued jobs, so a client waiting for "idle" (progress 0, job_count 0) waits for the queue."""
-    state = {"skipped": False, "interrupted": False, "job": "", "job_count": len(running) + waiting,
-             "job_timestamp": "0", "job_no": 0, "sampling_step": 0, "sampling_steps": 0}
-    if not running:
-        return {"progress": 0.0, "eta_relative": 0.0, "state": state, "current_image": None,
-                "textinfo": None}
-    view = min(running, key=lambda v: v.started or v.created)
-    done = view.step / view.total if view.total else 0.0
-    elapsed = time.time() - (view.started or view.created)
-    eta = elapsed / done - elapsed if done > 0 else 0.0
-    state |= {"job": view.id, "job_timestamp": timestamp(view.started),
-              "sampling_step": view.step, "sampling_steps": view.total}
-    image = (base64.b64encode(view.preview).decode("ascii")
-             if view.preview and not skip_current_image else None)
-    return {"progress": min(done, 1.0), "eta_relative": max(eta, 0.0), "state": state,
-            "current_image": image, "textinfo": f"{view.mode} step {view.step}/{view.total}"}
-
-
-def sd_model_json(model: dict) -> dict:
-    """A1111's SDModelItem. filename is the model's file or folder name: clients pick models by
-    title, and the server's paths are not theirs to see."""
-    from pathlib import Path
-
-    path = Path(model["path"])
-    return {"title": title(model), "model_name": model["name"], "hash": model.get("hash"),
-            "sha256": _sha256(model), "filename": path.name, "config": None}
-
-
-_SHA256: dict[str, str] = {}
-_SHA256_LOCK = threading.Lock()
-
-
-def _sha256(model: dict | None) -> str | None:
-    """The model's full SHA-256 (ldm_engine.modelhash; A1111's sha256 field), computed once per
-    path: it reads every weights file."""
-    from ldm_engine.modelhash import model_sha256
-
-    if model is None:
-        return None
-    key = str(model["path"])
-    with _SHA256_LOCK:
-        if key not in _SHA256:
-            try:
-                _SHA256[key] = model_sha256(key)
-            except (OSError, UserInputError):
-                return None
-        return _SHA256[key]
-

@@ -30,15 +30,14 @@ from __future__ import annotations
 import base64
 import io
 import json
-import logging
 import math
 import random
+import threading
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-
 
 from ldm_engine.errors import UserInputError
 from pipelines.jsonform import decode_image, json_type
@@ -51,8 +50,6 @@ from pipelines.prompts import check_clip_skip
 from schedulers import SAMPLERS
 
 from .jobs import JobView
-
-log = logging.getLogger("ldm_engine.apps.server.a1111")
 
 PREFIX = "/sdapi/v1"
 # A1111's random seed: random.randrange(4294967294) (processing.get_fixed_seed).
@@ -101,10 +98,7 @@ class HTTPFailure(Exception):
         self.status, self.headers = status, headers
 
 
-
 # --- reading a body ---------------------------------------------------------------------------
-
-
 
 class _Fields:
     """A JSON body read field by field; a field never read is an unknown one. A null field is
@@ -594,3 +588,54 @@ def schedulers_list() -> list[dict]:
         if suffix in spaced] + [("normal", "Normal")]
     return [{"name": name, "label": label, "aliases": None, "default_rho": -1,
              "need_inner_model": False} for name, label in labels]
+
+
+def progress_json(running: list[JobView], waiting: int, *, skip_current_image: bool) -> dict:
+    """A1111's ProgressResponse for the oldest running job; job_count counts the running and
+    queued jobs, so a client waiting for "idle" (progress 0, job_count 0) waits for the queue."""
+    state = {"skipped": False, "interrupted": False, "job": "", "job_count": len(running) + waiting,
+             "job_timestamp": "0", "job_no": 0, "sampling_step": 0, "sampling_steps": 0}
+    if not running:
+        return {"progress": 0.0, "eta_relative": 0.0, "state": state, "current_image": None,
+                "textinfo": None}
+    view = min(running, key=lambda v: v.started or v.created)
+    done = view.step / view.total if view.total else 0.0
+    elapsed = time.time() - (view.started or view.created)
+    eta = elapsed / done - elapsed if done > 0 else 0.0
+    state |= {"job": view.id, "job_timestamp": timestamp(view.started),
+              "sampling_step": view.step, "sampling_steps": view.total}
+    image = (base64.b64encode(view.preview).decode("ascii")
+             if view.preview and not skip_current_image else None)
+    return {"progress": min(done, 1.0), "eta_relative": max(eta, 0.0), "state": state,
+            "current_image": image, "textinfo": f"{view.mode} step {view.step}/{view.total}"}
+
+
+def sd_model_json(model: dict) -> dict:
+    """A1111's SDModelItem. filename is the model's file or folder name: clients pick models by
+    title, and the server's paths are not theirs to see."""
+    from pathlib import Path
+
+    path = Path(model["path"])
+    return {"title": title(model), "model_name": model["name"], "hash": model.get("hash"),
+            "sha256": sha256_of(model), "filename": path.name, "config": None}
+
+
+_SHA256: dict[str, str] = {}
+_SHA256_LOCK = threading.Lock()
+
+
+def sha256_of(model: dict | None) -> str | None:
+    """The model's full SHA-256 (ldm_engine.modelhash; A1111's sha256 field), computed once per
+    path: it reads every weights file."""
+    from ldm_engine.modelhash import model_sha256
+
+    if model is None:
+        return None
+    key = str(model["path"])
+    with _SHA256_LOCK:
+        if key not in _SHA256:
+            try:
+                _SHA256[key] = model_sha256(key)
+            except (OSError, UserInputError):
+                return None
+        return _SHA256[key]
