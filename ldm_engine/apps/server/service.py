@@ -224,8 +224,8 @@ class JobService:
         height, width = mode.size(pipe, images[0])
         for h, w in {(height, width), mode.largest(pipe, images[0], height, width)}:
             if max(h, w) > limits.max_side:
-                raise UserInputError(f"{w}x{h} is larger than this server's limit of "
-                                     f"{limits.max_side} px a side")
+                raise UserInputError(f"width x height {w}x{h} is larger than this server's "
+                                     f"limit of {limits.max_side} px a side")
         # Every check Pipeline.run makes before compute, the model's included.
         pipe._batch(mode, images, None, False)
         return name, images
