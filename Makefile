@@ -25,6 +25,9 @@ $(STAMP): setup.cfg pyproject.toml
 	@# Test reference only: k-diffusion's sampling.py/external.py need torch, scipy, torchsde and
 	@# torchdiffeq (in [dev]); its declared deps (torchvision, wandb, kornia, ...) are not wanted.
 	$(PIP) install -q --no-deps k-diffusion==0.1.1.post1
+	@# Test reference only: open_clip's own API checks our open_clip checkpoint conversion
+	@# (ldm_engine/clip_open_clip.py); pure Python, its torchvision/timm are not wanted.
+	$(PIP) install -q --no-deps open_clip_torch==3.3.0
 	touch $@
 
 test: install

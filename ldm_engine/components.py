@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -266,11 +267,18 @@ def save_text_encoder(text_encoder: CLIPTextModel, directory: Path,
     _save_weights(text_encoder, directory / "model.safetensors", dtype, prefix="text_model.")
 
 
-def model_index(schedule_class: str = "DDIMScheduler") -> dict:
+# A CLIP's image side kept beside the SD networks (ldm_engine.clip's layout): the image tower
+# and its preprocessing, which diffusers' StableDiffusionPipeline takes as optional components,
+# and the text projection, which only ldm_engine.clip reads.
+CLIP_TOWERS = ("image_encoder", "feature_extractor", "text_projection")
+
+
+def model_index(schedule_class: str = "DDIMScheduler", *, clip: bool = False) -> dict:
     return {
         "_class_name": "StableDiffusionPipeline",
         "_diffusers_version": diffusers.__version__,
-        "feature_extractor": [None, None],
+        "feature_extractor": (["transformers", "CLIPImageProcessor"] if clip else [None, None]),
+        **({"image_encoder": ["transformers", "CLIPVisionModelWithProjection"]} if clip else {}),
         "requires_safety_checker": False,
         "safety_checker": [None, None],
         "scheduler": ["diffusers", schedule_class],
@@ -282,11 +290,15 @@ def model_index(schedule_class: str = "DDIMScheduler") -> dict:
 
 
 def save_model(components: Components, path: str | os.PathLike, *, overwrite: bool = False,
-               dtype: torch.dtype | None = None) -> Path:
+               dtype: torch.dtype | None = None,
+               clip_from: str | os.PathLike | None = None) -> Path:
     """Write a diffusers-layout folder atomically; weights optionally cast (e.g. fp16 to ship).
 
-    The folder is assembled under a temporary name and renamed into place, so an interrupted save
-    never leaves a half-written model where a good one was.
+    clip_from: a folder holding the CLIP towers (CLIP_TOWERS) whose text tower is
+    components.text_encoder; they are copied as they are (fp32: small, and the scores they give
+    should not depend on the shipping dtype). The folder is assembled under a temporary name and
+    renamed into place, so an interrupted save never leaves a half-written model where a good one
+    was.
     """
     dest = Path(path)
     with atomic_dir(dest, overwrite=overwrite) as tmp:
@@ -300,7 +312,11 @@ def save_model(components: Components, path: str | os.PathLike, *, overwrite: bo
         (tmp / "scheduler").mkdir()
         (tmp / "scheduler/scheduler_config.json").write_text(
             json.dumps(components.schedule.to_dict("DDIMScheduler"), indent=2) + "\n")
-        (tmp / "model_index.json").write_text(json.dumps(model_index(), indent=2) + "\n")
+        if clip_from is not None:
+            for sub in CLIP_TOWERS:
+                shutil.copytree(Path(clip_from) / sub, tmp / sub)
+        (tmp / "model_index.json").write_text(
+            json.dumps(model_index(clip=clip_from is not None), indent=2) + "\n")
     return dest
 
 

@@ -11,6 +11,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
@@ -26,13 +27,18 @@ from schedulers import get_sampler, make_denoiser, train_schedule
 
 from .guidance import Guidance, UNetFn
 from .loop import denoise
-from .modes import Batch, check_count
+from .modes import Batch, Mode, check_count
 from .observe import Observer, as_observers
-from .params import GenerationParams, check_request, check_seed
-from .pnginfo import save_png
+from .params import GenerationParams, check_request, check_rerank, check_seed
+from .pnginfo import RerankChoice, save_png
 from .embeddings import Embedding, load_embedding
 from .prompts import encode_prompts
 from .speed import Accelerated, Attention, SpeedOptions
+
+if TYPE_CHECKING:
+    from ldm_engine.clip import ClipModel
+
+    from .rerank import Candidate
 
 log = logging.getLogger("ldm_engine.pipelines")
 
@@ -68,12 +74,26 @@ class GenerationResult:
     pixels: torch.Tensor                 # (B, 3, H, W) float32 in [0, 1]
     latents: torch.Tensor                # (B, C, h, w) final latents, before VAE scaling is undone
     params: list[GenerationParams]       # one per image; seed is that image's own seed
+    # With rerank > 1 (pipelines.rerank): per image, all its candidates, best first; the
+    # fields above then hold each image's best candidate (params: the image's request, its
+    # own seed and rerank, which re-plays to the same choice). None without reranking.
+    candidates: list[list["Candidate"]] | None = None
+
+    @property
+    def scores(self) -> list[float] | None:
+        """Each image's rerank score (CLIP cosine of image and prompt), None without rerank."""
+        return None if self.candidates is None else [c[0].score for c in self.candidates]
 
     def save(self, path: str | os.PathLike) -> list[Path]:
-        """Save PNGs with their parameters; several images become name-0.png, name-1.png, ..."""
+        """Save PNGs with their parameters; several images become name-0.png, name-1.png, ...
+        A reranked image also records its score and the chosen candidate's seed."""
         paths = output_paths(path, len(self.images))
-        for image, params, p in zip(self.images, self.params, paths):
-            save_png(image, p, params)
+        for k, (image, params, p) in enumerate(zip(self.images, self.params, paths)):
+            choice = None
+            if self.candidates is not None:
+                best = self.candidates[k][0]
+                choice = RerankChoice(score=best.score, seed=best.seed)
+            save_png(image, p, params, choice)
         return paths
 
 
@@ -148,6 +168,9 @@ class Pipeline:
                                         unet_file=unet_file) if speed is not None else None)
         self._model_hash: str | None = None
         self._model_hash_lock = threading.Lock()
+        # The CLIP that scores images (reranking): loaded from `source` on first use, shared by
+        # the copies with_embeddings makes; with_clip gives a copy its own.
+        self._clip = _ClipSlot()
 
     @classmethod
     def from_folder(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu",
@@ -281,6 +304,31 @@ class Pipeline:
         new.embeddings = tuple(known.values())
         return new
 
+    @property
+    def clip(self) -> "ClipModel | None":
+        """The CLIP (ldm_engine.clip) that scores this pipeline's images: the one with_clip
+        gave, else the model folder's own (image_encoder/ beside the text encoder: has_clip),
+        loaded on first use, once, on this pipeline's device in fp32; None when there is none."""
+        return self._clip.get(self)
+
+    def with_clip(self, clip: "ClipModel | str | os.PathLike"):
+        """This pipeline (same networks, not copied) scoring its images with another CLIP: a
+        ClipModel, or any source ldm_engine.clip.load_clip reads (a model folder with an image
+        encoder, a transformers CLIPModel folder, an open_clip checkpoint file), loaded now.
+
+        A new pipeline object, as with_embeddings makes: this one is unchanged.
+        """
+        from ldm_engine.clip import ClipModel, load_clip
+
+        if isinstance(clip, (str, os.PathLike)):
+            clip = load_clip(clip, device=self.device)
+        elif not isinstance(clip, ClipModel):
+            raise UserInputError(f"with_clip takes a ClipModel or a path, got "
+                                 f"{type(clip).__name__}")
+        new = copy.copy(self)
+        new._clip = _ClipSlot(clip)
+        return new
+
     def guidance(self, prompts: list[str], negatives: list[str], scale: float,
                  clip_skip: int = 1) -> Guidance:
         if scale == 1.0:
@@ -297,7 +345,7 @@ class Pipeline:
             num_images: int = 1,
             generator: torch.Generator | Sequence[torch.Generator] | None = None,
             observer: Observer | Sequence[Observer] | None = None, progress: bool = False,
-            allow_large: bool = False) -> GenerationResult:
+            allow_large: bool = False, rerank_batch: int | None = None) -> GenerationResult:
         """Make the images a request (or several, as one batch) describes; any mode.
 
         Image j of a request is made with seed + j (A1111's convention), so it equals a single
@@ -305,6 +353,10 @@ class Pipeline:
         The mode (request.mode: pipelines.registry) only prepares the starting latents, the plan
         and an optional step hook; prompts, guidance, generators, the loop, the decode and the
         result are done here, for all modes alike. allow_large: see check_generation_size.
+
+        A request with rerank N > 1 makes N candidates of each image and keeps the one this
+        pipeline's CLIP scores best (pipelines.rerank), generating at most `rerank_batch`
+        candidates at a time (default: as many as the memory check allows).
         """
         from .registry import mode_of
 
@@ -321,12 +373,26 @@ class Pipeline:
         if any(mode.shared(r) != mode.shared(images[0]) for r in images):
             raise UserInputError("requests in one batch may differ only in prompt, negative "
                                  "prompt and seed")
+        if rerank_batch is not None:
+            check_count("rerank_batch", rerank_batch)
+        check_rerank(images[0].rerank)
+        if images[0].rerank > 1:
+            from .rerank import run_reranked
+            return run_reranked(self, mode, images, generator=generator, observer=observer,
+                                progress=progress, allow_large=allow_large,
+                                rerank_batch=rerank_batch)
         batch = self._batch(mode, images, generator, allow_large)
         observers = as_observers(observer)
         if progress:
             from .observe import ProgressBar
             observers.append(ProgressBar(batch.sampler.name))
+        return self._generate(mode, batch, observers)
+
+    def _generate(self, mode: Mode, batch: Batch, observers: list[Observer]
+                  ) -> GenerationResult:
+        """The images of a checked batch: the mode's start, the loop (every pass), the decode."""
         first = batch.first
+        images = list(batch.requests)
         start = mode.prepare(self, batch)
         guidance = start.guidance or self.guidance(
             [r.prompt for r in images], [r.negative_prompt for r in images],
@@ -539,3 +605,26 @@ class Pipeline:
     def to_pil(pixels: torch.Tensor) -> list[Image.Image]:
         arr = (pixels.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype("uint8")
         return [Image.fromarray(a) for a in arr]
+
+
+class _ClipSlot:
+    """A pipeline's CLIP: given, or loaded from the pipeline's folder on first use (once, under
+    a lock, so concurrent generations never load it twice); None when the folder has none."""
+
+    def __init__(self, clip: "ClipModel | None" = None):
+        self._clip = clip
+        self._loaded = clip is not None
+        self._lock = threading.Lock()
+
+    def get(self, pipe: Pipeline) -> "ClipModel | None":
+        if self._loaded:
+            return self._clip
+        with self._lock:
+            if not self._loaded:
+                from ldm_engine.clip import has_clip, load_clip
+
+                source = pipe.source
+                if source is not None and source.is_dir() and has_clip(source):
+                    self._clip = load_clip(source, device=pipe.device)
+                self._loaded = True
+            return self._clip

@@ -114,14 +114,16 @@ class ImageToImage(Pipeline):
                  generator: torch.Generator | Sequence[torch.Generator] | None = None,
                  progress: bool = True, allow_large: bool = False,
                  observer: Observer | Sequence[Observer] | None = None,
-                 **fields) -> GenerationResult:
+                 rerank_batch: int | None = None, **fields) -> GenerationResult:
         """Build this mode's request from `fields` (its field names, or diffusers'
         num_inference_steps; None: the request's default) and run it. `image` is a PIL image or
-        a path (pipelines.images.load_image converts non-RGB images, with a warning)."""
+        a path (pipelines.images.load_image converts non-RGB images, with a warning).
+        rerank_batch: see Pipeline.run."""
         return self.run(self.requests(prompt, image, negative_prompt, seed,
                                       num_images_per_prompt, **fields),
                         num_images=num_images_per_prompt, generator=generator,
-                        observer=observer, progress=progress, allow_large=allow_large)
+                        observer=observer, progress=progress, allow_large=allow_large,
+                        rerank_batch=rerank_batch)
 
     def requests(self, prompt, image, negative_prompt, seed, k, **fields):
         from .images import load_image

@@ -92,12 +92,17 @@ class GenerationParams:
     clip_skip: int = 1
     # Text to image only: a second, image-to-image pass at a larger size (None: off).
     hires: HiresFix | None = None
+    # Make this many candidates of every image and keep the one CLIP finds closest to its
+    # prompt (DALL-E's reranking; pipelines.rerank). Candidate j is made with seed
+    # candidate_seed(seed, j), candidate 0 with the image's own seed: 1 is the plain image.
+    rerank: int = 1
 
     # The registry name of the mode this request runs (pipelines.registry).
     mode: ClassVar[str] = "txt2img"
 
     def validate(self, vae_factor: int = 8) -> None:
         """The checks that need no model (the pipeline adds the model's own)."""
+        check_rerank(self.rerank)
         check_request(steps=self.steps, guidance_scale=self.guidance_scale, sampler=self.sampler,
                       eta=0.0 if self.eta is None else self.eta,
                       height=self.height or vae_factor, width=self.width or vae_factor,
@@ -305,6 +310,7 @@ class InterpolationParams(GenerationParams):
     def check_mode(self, vae_factor: int = 8) -> None:
         if self.hires is not None:
             raise UserInputError("the hires fix is a text-to-image option, not an interpolation's")
+        check_no_rerank(self, "an interpolation's frames")
         if not isinstance(self.end_prompt, str):
             raise UserInputError(f"end_prompt must be a string, got "
                                  f"{type(self.end_prompt).__name__}")
@@ -352,6 +358,7 @@ class EditParams(ImageToImageParams):
     def check_mode(self, vae_factor: int = 8) -> None:
         super().check_mode(vae_factor)
         check_inversion(self, "a text-diff edit")
+        check_no_rerank(self, "a text-diff edit's images")
         if not isinstance(self.target_prompt, str) or not self.target_prompt.strip():
             raise UserInputError("a text-diff edit needs a target_prompt (the caption to move "
                                  "toward)")
@@ -464,6 +471,42 @@ def check_seed(seed: int | None, num_images: int = 1) -> None:
         raise UserInputError(f"seed {seed} is too large: seeds are 64-bit and image k of a run "
                              f"uses seed + k, so at most {top} for {num_images} image"
                              f"{'s' if num_images > 1 else ''}")
+
+
+# Reranking (pipelines.rerank): at most this many candidates per image. 64 is the images-per-call
+# limit (ldm_engine.limits.MAX_IMAGES), so the candidates of one image fit one call.
+MAX_RERANK = 64
+# Candidate j of the image with seed s has seed s + j * 2**24, the addition made in the seed's low
+# 32 bits (modulo 2**32, the high bits kept). torch's CPU generator (mt19937) is seeded with
+# those 32 bits only: seeds s and s + 2**32 draw the same noise, so a stride of 2**32 would make
+# every candidate the same image. With 2**24, the 64 candidates of one image are distinct
+# streams, and none is another image's seed s + k of the same call (A1111's convention) for
+# calls of fewer than 2**24 images; a 32-bit seed (A1111's) has 32-bit candidate seeds.
+RERANK_SEED_STRIDE = 2**24
+_LOW = 2**32
+
+
+def candidate_seed(seed: int, j: int) -> int:
+    """The seed of candidate j (0-based) of the image whose seed is `seed` (j = 0: `seed`)."""
+    seed = int(seed)
+    return seed - seed % _LOW + (seed + j * RERANK_SEED_STRIDE) % _LOW
+
+
+def check_rerank(rerank) -> None:
+    """rerank is a whole number from 1 (no reranking) to MAX_RERANK."""
+    if not isinstance(rerank, numbers.Integral) or isinstance(rerank, bool) or rerank < 1:
+        raise UserInputError(f"rerank must be a positive integer (candidates per image; 1 = no "
+                             f"reranking), got {rerank!r}")
+    if rerank > MAX_RERANK:
+        raise UserInputError(f"rerank {rerank} is more than {MAX_RERANK} candidates per image")
+
+
+def check_no_rerank(request: GenerationParams, what: str) -> None:
+    """Sequence modes make their images from one shared noise; reranking would break that."""
+    check_rerank(request.rerank)
+    if request.rerank != 1:
+        raise UserInputError(f"rerank works image by image, but {what} share one noise and "
+                             f"form one sequence (reranking them would break it): use rerank 1")
 
 
 def check_steps(steps: int, sampler: str, schedule: ScheduleConfig) -> None:

@@ -16,7 +16,12 @@ it is not 1 (each read only with its own kind of sampler, the other named in the
 ``Model hash`` as
 ldm_engine.modelhash defines it, ``Clip skip`` only when it is not 1, and ``Version``. Three fields are ours, for what changes pixels
 beyond A1111's fields, written only when not the exact default: ``Dtype`` (fp32), ``Deep cache``
-(1) and ``VAE tiling`` (False).
+(1) and ``VAE tiling`` (False). So is ``Rerank`` (candidates per image, pipelines.rerank; written
+when not 1), which reads back into the request; a reranked image also records what the
+reranking chose, ``Rerank score`` (the CLIP cosine of image and prompt, 4 decimals) and ``Rerank
+seed`` (the chosen candidate's seed), which the reader accepts and leaves out of the request
+(read_rerank_choice returns them): ``Seed`` stays the image's own, so the request re-played
+makes the same candidates and the same choice.
 
 Escaping, so that every prompt round-trips exactly:
 
@@ -53,6 +58,7 @@ import struct
 import warnings
 import zlib
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 from PIL import Image, PngImagePlugin
 
@@ -61,8 +67,8 @@ from ldm_engine.fsutil import atomic_path
 
 from schedulers import get_sampler
 
-from .params import (EditParams, GenerationParams, HiresFix, ImageToImageParams, InpaintParams,
-                     InterpolationParams, OutpaintParams, VariationParams)
+from .params import (MAX_RERANK, EditParams, GenerationParams, HiresFix, ImageToImageParams,
+                     InpaintParams, InterpolationParams, OutpaintParams, VariationParams)
 from .sampler_names import a1111_fields, from_a1111, sampler_names
 
 
@@ -89,7 +95,7 @@ _NEGATIVE = "Negative prompt:"
 # and Version, that never change pixels) follow. Any other field is named in a warning.
 REQUIRED = ("Steps", "Sampler", "CFG scale", "Seed", "Size")
 OPTIONAL = ("Schedule type", "Model hash", "Model", "Eta DDIM", "Eta", "Clip skip", "Dtype",
-            "Deep cache", "VAE tiling", "Version")
+            "Deep cache", "VAE tiling", "Rerank", "Rerank score", "Rerank seed", "Version")
 # The fields of each mode beyond those (A1111's names where A1111 has the setting).
 HIRES = ("Hires upscale", "Hires steps", "Hires upscaler", "Denoising strength")
 IMG2IMG = ("Denoising strength", "Init image hash", "Resize mode", "Init latents")
@@ -151,17 +157,27 @@ def check_storable(texts: Iterable[str], what: str = "prompt") -> None:
 
 # --- writing -------------------------------------------------------------------------------
 
-def format_parameters(params: GenerationParams) -> str:
+@dataclass(frozen=True)
+class RerankChoice:
+    """What reranking chose for one image: its CLIP score and the chosen candidate's seed."""
+
+    score: float                      # cosine similarity of image and prompt embeddings
+    seed: int
+
+
+def format_parameters(params: GenerationParams, choice: RerankChoice | None = None) -> str:
+    """The ``parameters`` text; `choice`, for a reranked image, adds Rerank score and seed."""
     check_storable([params.prompt])
     check_storable([params.negative_prompt], "negative prompt")
     lines = [escape_prompt(params.prompt)]
     if params.negative_prompt:
         lines.append(f"{_NEGATIVE} {escape_prompt(params.negative_prompt)}")
-    lines.append(", ".join(f"{k}: {v}" for k, v in _settings(params)))
+    lines.append(", ".join(f"{k}: {v}" for k, v in _settings(params, choice)))
     return "\n".join(lines)
 
 
-def _settings(p: GenerationParams) -> Iterator[tuple[str, str]]:
+def _settings(p: GenerationParams, choice: RerankChoice | None = None
+              ) -> Iterator[tuple[str, str]]:
     yield "Steps", str(p.steps)
     sampler, schedule_type = a1111_fields(p.sampler)
     yield "Sampler", _quote(sampler)
@@ -192,6 +208,11 @@ def _settings(p: GenerationParams) -> Iterator[tuple[str, str]]:
     if p.vae_tiling:
         yield "VAE tiling", "True"
     yield from _mode_settings(p)
+    if p.rerank != 1:
+        yield "Rerank", str(p.rerank)
+    if choice is not None:
+        yield "Rerank score", f"{choice.score:.4f}"
+        yield "Rerank seed", str(choice.seed)
     yield "Version", _quote(engine_version())
 
 
@@ -330,7 +351,22 @@ def parse_parameters(text: str) -> GenerationParams:
         model=settings.get("Model", ""), model_hash=_model_hash(settings),
         dtype=_choice(settings, "Dtype", DTYPE_NAMES, "fp32"),
         deep_cache=_count(settings, "Deep cache", default=1, low=1),
-        vae_tiling=_choice(settings, "VAE tiling", ("True", "False"), "False") == "True")
+        vae_tiling=_choice(settings, "VAE tiling", ("True", "False"), "False") == "True",
+        rerank=_count(settings, "Rerank", default=1, low=1, high=MAX_RERANK))
+
+
+def read_rerank_choice(text: str) -> RerankChoice | None:
+    """What the reranking of the image chose (Rerank score, Rerank seed), None if the PNG's
+    parameters record no choice; malformed values are one-line errors as everywhere else."""
+    *_, last = text.split("\n")
+    settings = _parse_settings(last)
+    if "Rerank score" not in settings and "Rerank seed" not in settings:
+        return None
+    if "Rerank score" not in settings or "Rerank seed" not in settings:
+        raise UserInputError("PNG parameters give one of Rerank score and Rerank seed: "
+                             "a reranked image records both")
+    return RerankChoice(score=_float(settings, "Rerank score", low=-1.0),
+                        seed=_count(settings, "Rerank seed", high=MAX_SEED))
 
 
 def _mode_class(settings: dict[str, str]) -> type:
@@ -582,10 +618,12 @@ def _clip(text: str, n: int = 40) -> str:
 
 # --- files ---------------------------------------------------------------------------------
 
-def save_png(image: Image.Image, path: str | os.PathLike, params: GenerationParams) -> None:
-    """Write a PNG with its parameters chunk, atomically (temp file, fsync, rename)."""
+def save_png(image: Image.Image, path: str | os.PathLike, params: GenerationParams,
+             choice: RerankChoice | None = None) -> None:
+    """Write a PNG with its parameters chunk, atomically (temp file, fsync, rename); `choice`:
+    what reranking chose (see format_parameters)."""
     info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", format_parameters(params))
+    info.add_text("parameters", format_parameters(params, choice))
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG", pnginfo=info)
 

@@ -145,6 +145,17 @@ def parse_attention(prompt: str) -> tuple[Fragment | _Break, ...]:
     return tuple(merged) or (Fragment("", 1.0),)
 
 
+def plain_text(prompt: str) -> str:
+    """The words of a prompt without its syntax: weights and emphasis brackets dropped, escapes
+    resolved, BREAK a blank, runs of blanks one space. What a CLIP scoring the image against the
+    prompt reads (pipelines.rerank): ``"a (red:1.3) circle BREAK [green] background"`` ->
+    ``"a red circle green background"``. Syntax this engine reads as literal text (A1111's
+    ``[from:to:when]`` prompt editing, ``[a|b]`` alternation) stays, since the image was
+    conditioned on it as written."""
+    words = " ".join(" " if f is BREAK else f.text for f in parse_attention(prompt))
+    return " ".join(words.split())
+
+
 @dataclass(frozen=True)
 class PromptWindows:
     """A prompt's CLIP windows: each row BOS, up to 75 tokens, EOS, padding (77 ids), and the

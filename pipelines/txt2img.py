@@ -124,7 +124,9 @@ class TextToImage(Pipeline):
                  generator: torch.Generator | Sequence[torch.Generator] | None = None,
                  progress: bool = True, allow_large: bool = False,
                  clip_skip: int | None = None, hires: HiresFix | None = None,
-                 observer: Observer | Sequence[Observer] | None = None) -> GenerationResult:
+                 observer: Observer | Sequence[Observer] | None = None,
+                 rerank: int | None = None, rerank_batch: int | None = None
+                 ) -> GenerationResult:
         """Generate; every input error is raised before a single network call.
 
         Builds one GenerationParams per prompt (whose defaults are the only defaults: None here
@@ -132,7 +134,9 @@ class TextToImage(Pipeline):
         AUTOMATIC1111's syntax (pipelines.prompts): ``(word:1.3)`` weights, ``BREAK``, any
         length in 75-token windows. clip_skip: condition on the N-th text-encoder layer from the
         end, A1111's numbering (1 = the last layer; diffusers' clip_skip=1 is our 2). eta None
-        or "auto": the sampler's own. hires: a HiresFix for a second, larger pass.
+        or "auto": the sampler's own. hires: a HiresFix for a second, larger pass. rerank: make
+        that many candidates per image and keep the one CLIP finds closest to the prompt
+        (pipelines.rerank; at most rerank_batch generated at once).
 
         allow_large lifts the size limits of ldm_engine.limits (side and area relative to the
         model's native size, images per call) and checks the memory estimate against the
@@ -142,9 +146,10 @@ class TextToImage(Pipeline):
             GenerationParams, prompt, negative_prompt, seed, num_images_per_prompt,
             steps=num_inference_steps, guidance_scale=guidance_scale, sampler=sampler,
             eta=None if eta == "auto" else eta, height=height, width=width,
-            clip_skip=clip_skip, hires=hires)
+            clip_skip=clip_skip, hires=hires, rerank=rerank)
         return self.run(requests, num_images=num_images_per_prompt, generator=generator,
-                        observer=observer, progress=progress, allow_large=allow_large)
+                        observer=observer, progress=progress, allow_large=allow_large,
+                        rerank_batch=rerank_batch)
 
 
 def default_eta(sampler) -> float:

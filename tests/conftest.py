@@ -135,3 +135,55 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# --- CLIP (issue 12): a tiny random CLIP whose text tower is the tiny model's text encoder ---
+
+TINY_CLIP_IMAGE_SIZE = 64          # the tiny model's native pixel size (8 latents x VAE factor 8)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip():
+    """A random tiny transformers CLIPModel (fp32, CPU, eval): text tower configured exactly as
+    the tiny_components text encoder (TINY.text_encoder), vision tower ViT 64 px / patch 16,
+    width 32, 2 layers, projection 32."""
+    from transformers import CLIPConfig, CLIPModel
+
+    text = TINY.text_encoder.to_transformers()
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, image_size=TINY_CLIP_IMAGE_SIZE, patch_size=16,
+                  projection_dim=TINY.text_encoder.projection_dim)
+    torch.manual_seed(12)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision,
+                                 projection_dim=TINY.text_encoder.projection_dim))
+    return model.eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory, tiny_dir, tiny_clip):
+    """tiny_dir's folder with tiny_clip's towers (image_encoder/, feature_extractor/ for pixels
+    in [-1, 1], text_projection/) and its text tower as text_encoder/, so the UNet reads the
+    CLIP's own text encoder, as in the bundled model. Read-only for tests."""
+    import shutil
+
+    from transformers import CLIPTextModel
+
+    from ldm_engine.clip import save_clip_towers
+    from ldm_engine.components import save_text_encoder
+
+    path = tmp_path_factory.mktemp("models") / "tiny-clip"
+    shutil.copytree(tiny_dir, path)
+    text = CLIPTextModel(tiny_clip.config.text_config)
+    text.load_state_dict(tiny_clip.text_model.state_dict())
+    shutil.rmtree(path / "text_encoder")
+    save_text_encoder(text, path / "text_encoder")
+    save_clip_towers(tiny_clip, path, image_size=TINY_CLIP_IMAGE_SIZE,
+                     image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_model(tiny_clip_dir):
+    """ldm_engine.clip.ClipModel loaded from tiny_clip_dir (fp32, CPU)."""
+    from ldm_engine.clip import load_clip
+    return load_clip(tiny_clip_dir)

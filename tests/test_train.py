@@ -65,6 +65,68 @@ def test_full_recipe_writes_a_loadable_model(straight):
     assert json.loads((ckpts[0] / "state.json").read_text()) == {"step": 4}
 
 
+def test_full_recipe_keeps_the_whole_clip(straight):
+    """The model carries the clip stage's image tower and projections, in one space with the text
+    encoder the UNet reads, and diffusers loads the towers as its optional components."""
+    from diffusers import StableDiffusionPipeline
+
+    from ldm_engine.clip import load_clip
+
+    model, out = straight
+    index = json.loads((model / "model_index.json").read_text())
+    assert index["image_encoder"] == ["transformers", "CLIPVisionModelWithProjection"]
+    assert index["feature_extractor"] == ["transformers", "CLIPImageProcessor"]
+    ours = load_clip(model)
+    stage = load_clip(out / "clip")
+    texts = ["a red circle on the left", "a blue square at the top"]
+    assert torch.equal(ours.text_embeds(texts), stage.text_embeds(texts))
+    ref = StableDiffusionPipeline.from_pretrained(model, local_files_only=True,
+                                                  safety_checker=None)
+    assert type(ref.image_encoder).__name__ == "CLIPVisionModelWithProjection"
+    # The text encoder the UNet reads is the CLIP's own text tower.
+    text = safetensors.torch.load_file(str(model / "text_encoder/model.safetensors"))
+    clip_text = safetensors.torch.load_file(str(out / "clip/text_encoder/model.safetensors"))
+    assert text.keys() == clip_text.keys() and all(torch.equal(text[k], clip_text[k])
+                                                   for k in text)
+
+
+def test_hard_negatives_train_and_change_the_clip(straight, tmp_path):
+    model, out = straight
+    neg = main(toy_config(tmp_path, "stages=[clip]", "clip.hard_negatives=2"))
+    assert neg == tmp_path / "model"
+    a = safetensors.torch.load_file(str(out / "clip/text_encoder/model.safetensors"))
+    b = safetensors.torch.load_file(str(tmp_path / "clip/text_encoder/model.safetensors"))
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_contrastive_loss_without_negatives_is_clips():
+    """ContrastiveLoss with no negatives is transformers' CLIPModel loss (Radford et al.)."""
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
+
+    from train.stage_clip import ContrastiveLoss
+
+    torch.manual_seed(0)
+    clip = CLIPModel(CLIPConfig(
+        text_config=CLIPTextConfig(vocab_size=49408, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=1, num_attention_heads=2,
+                                   projection_dim=16, eos_token_id=49407).to_dict(),
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64,
+                                       num_hidden_layers=1, num_attention_heads=2,
+                                       image_size=32, patch_size=8,
+                                       projection_dim=16).to_dict(), projection_dim=16))
+    ids = torch.randint(0, 49000, (6, 9))
+    ids[:, -1] = 49407
+    pixels = torch.randn(6, 3, 32, 32)
+    want = clip(input_ids=ids, pixel_values=pixels, return_loss=True).loss
+    got = ContrastiveLoss(clip)(ids, pixels)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # A masked-out negative changes nothing; a real one can only raise the image-side loss.
+    same = ContrastiveLoss(clip)(ids, pixels, ids.flip(0), torch.zeros(6, dtype=torch.bool))
+    torch.testing.assert_close(same, want, rtol=1e-5, atol=1e-6)
+    harder = ContrastiveLoss(clip)(ids, pixels, ids.flip(0), torch.ones(6, dtype=torch.bool))
+    assert harder > want
+
+
 def test_interrupted_then_resumed_equals_straight(straight, tmp_path, monkeypatch):
     model, out = straight
     for stage in ("clip", "vae", "cache"):

@@ -37,7 +37,8 @@ class DataConfig:
 
 @dataclass(kw_only=True)
 class ClipStage:
-    """Contrastive CLIP (Radford et al. 2021) on image-caption pairs; its text tower is kept."""
+    """Contrastive CLIP (Radford et al. 2021) on image-caption pairs; both towers are kept (the
+    text tower conditions the UNet, the image tower reranks and classifies)."""
     steps: int = 1500
     batch_size: int = 256
     lr: float = 5e-4
@@ -46,11 +47,21 @@ class ClipStage:
     hidden_size: int = 64
     layers: int = 3
     heads: int = 4
-    # Vision tower (discarded after training): a small ViT over size x size images.
+    # Vision tower: a small ViT over size x size images.
     vision_hidden_size: int = 96
     vision_layers: int = 3
     patch_size: int = 8
     projection_dim: int = 64
+    # NegCLIP hard negatives (train/negatives.py): this many rewritten captions per caption, one
+    # of them used per image and step; 0 trains plain CLIP.
+    hard_negatives: int = 0
+    # Phase 2: this many more steps train only the image tower and the projections against the
+    # frozen text tower (the UNet's conditioning is fixed by then), with this many hard negatives
+    # per caption. They sharpen reranking and zero-shot classification; 0 steps skips the phase.
+    image_steps: int = 0
+    image_hard_negatives: int = 4
+    # Phase 2 with a fresh image tower of this patch size (0: keep training the phase-1 tower).
+    image_patch_size: int = 0
     mixed_precision: Precision = "fp32"
 
 

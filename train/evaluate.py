@@ -32,6 +32,8 @@ class EvalSettings:
     guidances: tuple[float, ...] = (1.0, 5.0)
     sampler: str = "ddim"
     batch: int = 16
+    # Candidates per image, the best by the model's CLIP kept (pipelines.rerank); 1: no rerank.
+    rerank: int = 1
 
 
 def generate_for(pipe: TextToImage, prompts: list[EvalPrompt], guidance: float,
@@ -40,10 +42,11 @@ def generate_for(pipe: TextToImage, prompts: list[EvalPrompt], guidance: float,
     for seed in settings.seeds:
         for start in range(0, len(prompts), settings.batch):
             chunk = prompts[start:start + settings.batch]
-            # Prompt k of the list always gets seed 10_000 * seed + k, whatever the batching.
+            # Prompt k of the list always gets seed 10_000 * seed + k, whatever the batching
+            # (and with rerank its candidates the seeds pipelines.rerank derives from it).
             res = pipe([p.prompt for p in chunk], num_inference_steps=settings.steps,
                        guidance_scale=guidance, sampler=settings.sampler,
-                       seed=10_000 * seed + start, progress=False)
+                       seed=10_000 * seed + start, rerank=settings.rerank, progress=False)
             for p, image in zip(chunk, res.images):
                 out[p].append(image)
     return out

@@ -28,7 +28,7 @@ from diffusers.training_utils import EMAModel
 from PIL import Image
 from transformers import CLIPTextModel
 
-from ldm_engine.components import Components, load_model, save_model
+from ldm_engine.components import CLIP_TOWERS, Components, load_model, save_model
 from ldm_engine.tokenizer import SDTokenizer
 from pipelines import TextToImage
 from schedulers import ScheduleConfig, add_noise, train_schedule, velocity
@@ -67,6 +67,17 @@ def load_conditioning(config: TrainConfig) -> Conditioning:
     # spacing with offset 1 -- exactly what diffusers' SD pipelines expect from the folder.
     schedule = ScheduleConfig(prediction_type=u.prediction_type or "epsilon")
     return Conditioning(text.eval(), tokenizer, vae.eval(), None, schedule)
+
+
+def clip_towers(config: TrainConfig) -> Path | None:
+    """Where the finished model's CLIP towers come from: the clip stage's output, or the folder
+    being fine-tuned; none when the text encoder was trained here (the towers' text projection
+    belongs to the old text tower, so their scores would no longer mean anything)."""
+    u = config.unet
+    if u.train_text_encoder:
+        return None
+    source = Path(u.init_from) if u.init_from else Path(config.output_dir) / "clip"
+    return source if all((source / sub).is_dir() for sub in CLIP_TOWERS) else None
 
 
 def build_unet(config: TrainConfig, cond: Conditioning) -> UNet2DConditionModel:
@@ -216,7 +227,7 @@ def train_unet(config: TrainConfig, accelerator: Accelerator, data: ImageCaption
         text = trained.text_encoder if trained.text_encoder is not None else cond.text_encoder
         components = Components(final, cond.vae, text.eval(), cond.tokenizer, cond.schedule)
         save_model(components, config.model_path, overwrite=True,
-                   dtype=SAVE_DTYPES[config.save_dtype])
+                   dtype=SAVE_DTYPES[config.save_dtype], clip_from=clip_towers(config))
         accelerator.print(f"[unet] wrote {config.model_path}")
     accelerator.wait_for_everyone()
     return config.model_path

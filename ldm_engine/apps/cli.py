@@ -18,6 +18,8 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ldm_engine.apps.cli_clip import (RERANK_COMMANDS, add_clip_parsers, add_rerank_options,
+                                      load_clip_arg, report_rerank, rerank_files)
 from ldm_engine.errors import UserInputError
 from ldm_engine.limits import MAX_AREA_FACTOR, MAX_IMAGES, MAX_SIDE_FACTOR   # (no torch: keeps --help fast)
 # The model trained by this project and shipped inside the package (see `make train-default`).
@@ -59,14 +61,15 @@ REQUEST_TYPES = {"generate": "GenerationParams", "img2img": "ImageToImageParams"
 COMMON_FIELDS = ("negative_prompt", "steps", "guidance_scale", "seed", "sampler", "eta",
                  "height", "width", "clip_skip")
 # Each command's own fields, beyond those.
+# (rerank: the modes of cli_clip.RERANK_COMMANDS, whose --rerank options that module adds.)
 MODE_FIELDS = {
-    "generate": (),
-    "img2img": ("strength", "resize_mode", "init_latents"),
+    "generate": ("rerank",),
+    "img2img": ("strength", "resize_mode", "init_latents", "rerank"),
     "inpaint": ("strength", "resize_mode", "init_latents", "mask_blur", "only_masked",
-                "padding", "overlay"),
+                "padding", "overlay", "rerank"),
     "outpaint": ("strength", "mask_blur", "left", "right", "top", "bottom", "fill", "color",
-                 "overlap", "overlay"),
-    "vary": ("strength", "resize_mode"),
+                 "overlap", "overlay", "rerank"),
+    "vary": ("strength", "resize_mode", "rerank"),
     "interpolate": ("end_prompt", "end_seed", "frames"),
     "edit": ("target_prompt", "amounts", "strength", "resize_mode"),
 }
@@ -111,6 +114,9 @@ def cmd_make(args: argparse.Namespace) -> int:
                              f"{'frame' if command == 'interpolate' else 'amount'}; "
                              "--num-images is not for it")
     outputs = _output_files(args, request, num_images)
+    # --rerank's CLIP and --save-candidates' files (none for the sequence commands).
+    candidates = (rerank_files(args, request, model, outputs) if command in RERANK_COMMANDS
+                  else [])
     # Without --height/--width the mode's own size (factor: a stand-in for a single file's
     # native size until it is known).
     native = shape.native_side if shape is not None else factor
@@ -118,7 +124,7 @@ def cmd_make(args: argparse.Namespace) -> int:
     _check_request_early(request.replace(height=height, width=width), model, shape, factor,
                          num_images=len(outputs), seeds=num_images,
                          allow_large=args.no_size_limit,
-                         outputs=outputs + _extra_files(args, outputs))
+                         outputs=outputs + _extra_files(args, outputs) + candidates)
     # The load-time choices that change pixels: as given, else a re-made image's own (so it
     # comes out the same), else the defaults.
     given = {"dtype": args.dtype, "deep_cache": args.deep_cache, "vae_tiling": args.vae_tiling}
@@ -126,10 +132,13 @@ def cmd_make(args: argparse.Namespace) -> int:
                 {"dtype": "auto", "deep_cache": 1, "vae_tiling": False})
     pixel_settings = {k: fallback[k] if v is None else v for k, v in given.items()}
     embeddings = _embeddings(args.embedding or [], model)   # read and checked before the model
+    clip = load_clip_arg(args) if getattr(args, "clip", None) else None     # so is --clip
     pipe = TextToImage.from_folder(model, device=args.device, compile=args.compile,
                                    attention=args.attention, **pixel_settings)
     if embeddings:
         pipe = pipe.with_embeddings(*embeddings)
+    if clip is not None:
+        pipe = pipe.with_clip(clip)
     with _warnings_to_stderr(command, InexactRemakeWarning):
         if args.from_image:
             # What the command line changed is wanted; only a different model is worth a
@@ -139,8 +148,10 @@ def cmd_make(args: argparse.Namespace) -> int:
         else:
             result = pipe.run(request, num_images=num_images, progress=not args.quiet,
                               allow_large=args.no_size_limit)
-    for path in result.save(args.out):
+    saved = result.save(args.out)
+    for path in saved:
         print(path)
+    report_rerank(args, result, saved)
     _save_extras(args, pipe, result)
     return 0
 
@@ -558,9 +569,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     chosen = get_sampler(sampler)
     # What a quality-per-cost comparison needs: UNet evaluations, not steps (Heun calls twice).
     calls = chosen.total_model_calls(chosen.make_plan(train_schedule(schedule), args.steps))
+    if args.rerank < 1:
+        raise UserInputError(f"--rerank must be >= 1, got {args.rerank}")
     settings = EvalSettings(seeds=tuple(args.seeds), steps=args.steps, sampler=sampler,
                             guidances=(args.guidance,) if args.guided_only else
-                            (1.0, args.guidance))
+                            (1.0, args.guidance), rerank=args.rerank)
     print(f"sampler {sampler}, {args.steps} steps, {calls} UNet evaluations per image "
           "(a guided evaluation batches the conditional and unconditional halves: one)")
     print(format_results(run_eval(model, settings, grid=args.grid)))
@@ -951,6 +964,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     _image_commands(sub)
+    for name in RERANK_COMMANDS:
+        add_rerank_options(sub.choices[name])
+    add_clip_parsers(sub)           # classify, clip-score
 
     i = sub.add_parser("inspect", help="describe a model folder or single file without loading it")
     i.add_argument("path", help="diffusers folder, .safetensors or .ckpt file")
@@ -998,6 +1014,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--guidance", type=float, default=5.0,
                    help="guidance scale compared against no guidance (default 5)")
     e.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds per prompt")
+    e.add_argument("--rerank", type=int, default=1, metavar="N",
+                   help="make N candidates per image and keep the one the model's CLIP scores "
+                        "best against its prompt (default 1: no reranking)")
     e.add_argument("--grid", help="also save a grid of one image per prompt to this PNG")
     e.set_defaults(func=cmd_eval)
 

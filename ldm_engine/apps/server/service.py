@@ -221,6 +221,14 @@ class JobService:
         if len(images) > limits.max_images:
             raise UserInputError(f"this request makes {len(images)} images; this server makes "
                                  f"at most {limits.max_images} per request")
+        # Reranking generates every candidate: they count against the image limit, and the
+        # model must have a CLIP to score them (refused here, not when the job runs).
+        rerank = request.rerank if isinstance(request.rerank, int) else 1
+        if rerank > 1 and len(images) * rerank > limits.max_images:
+            raise UserInputError(f"rerank {rerank} makes {len(images) * rerank} candidates; this "
+                                 f"server makes at most {limits.max_images} images per request")
+        if rerank > 1 and pipe.clip is None:
+            raise UserInputError(f"rerank needs a CLIP image encoder: model {name} has none")
         height, width = mode.size(pipe, images[0])
         for h, w in {(height, width), mode.largest(pipe, images[0], height, width)}:
             if max(h, w) > limits.max_side:

@@ -123,6 +123,9 @@ class _BatchObserver(Observer):
         self.cancelled_ids: set[str] = set()
         self.step_times: list[float] = []
         self._last_step_at: float | None = None
+        # A reranked batch steps through chunks of candidates (pipelines.rerank), whose rows
+        # are not the jobs' images: no previews then, only progress.
+        self.reranked = any(r.rerank > 1 for j in jobs for r in j.images)
 
     def on_start(self, passes: int) -> None:
         self._last_step_at = time.perf_counter()
@@ -140,7 +143,8 @@ class _BatchObserver(Observer):
         host, store, wid = self.worker.host, self.worker.store, self.worker.worker_id
         every = host.config.preview_every
         previews: dict[str, bytes] = {}
-        if every and progress.step % every == 0 and progress.step < progress.total:
+        if (every and not self.reranked and progress.step % every == 0
+                and progress.step < progress.total):
             # One VAE pass over each job's first image only, not the whole batch.
             firsts = [j.first for j in self.jobs]
             seen = dataclasses.replace(
