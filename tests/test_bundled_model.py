@@ -62,3 +62,16 @@ def test_bundled_model_draws_the_prompt(pipe):
     grades = [grade(prompt, im) for im in res.images]
     for key in ("colour_shape", "position"):
         assert sum(bool(g[key]) for g in grades) >= 3, (key, grades)
+
+
+def test_bundled_model_carries_its_clip():
+    """The clip stage's image tower ships with the model: zero-shot colour classification of
+    held-out one-object scenes (train.clip_eval; measured 97.3 % on 300 scenes when it was
+    trained) stays well above chance (1/7) on a smaller sample."""
+    from ldm_engine.clip import load_clip
+    from train.clip_eval import evaluate_clip
+
+    clip = load_clip(BUNDLED_MODEL)
+    result = evaluate_clip(clip, n_single=60, n_pairs=20)
+    assert result.colour >= 0.85, result
+    assert result.shape > 1 / 3, result
