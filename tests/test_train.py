@@ -99,6 +99,22 @@ def test_hard_negatives_train_and_change_the_clip(straight, tmp_path):
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
+def test_image_phase_trains_the_image_tower_only(straight, tmp_path):
+    """clip.image_steps trains the image side against the frozen text tower: the text encoder the
+    UNet reads is bit-identical to the run without the phase, the image tower is not."""
+    _, out = straight
+    main(toy_config(tmp_path, "stages=[clip]", "clip.image_steps=2"))
+
+    def load(root, sub):
+        name = "model.safetensors"
+        return safetensors.torch.load_file(str(root / "clip" / sub / name))
+
+    before, after = load(out, "text_encoder"), load(tmp_path, "text_encoder")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    before, after = load(out, "image_encoder"), load(tmp_path, "image_encoder")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
 def test_contrastive_loss_without_negatives_is_clips():
     """ContrastiveLoss with no negatives is transformers' CLIPModel loss (Radford et al.)."""
     from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig

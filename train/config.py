@@ -60,8 +60,6 @@ class ClipStage:
     # per caption. They sharpen reranking and zero-shot classification; 0 steps skips the phase.
     image_steps: int = 0
     image_hard_negatives: int = 4
-    # Phase 2 with a fresh image tower of this patch size (0: keep training the phase-1 tower).
-    image_patch_size: int = 0
     mixed_precision: Precision = "fp32"
 
 

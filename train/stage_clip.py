@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from transformers import (CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel,
-                          CLIPVisionConfig, CLIPVisionModelWithProjection)
+                          CLIPVisionConfig)
 
 from ldm_engine.clip import save_clip_towers
 from ldm_engine.components import save_text_encoder
@@ -37,12 +37,12 @@ def text_config(config: TrainConfig) -> CLIPTextConfig:
                           bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
 
 
-def vision_config(config: TrainConfig, patch_size: int) -> CLIPVisionConfig:
+def vision_config(config: TrainConfig) -> CLIPVisionConfig:
     c = config.clip
     return CLIPVisionConfig(hidden_size=c.vision_hidden_size,
                             intermediate_size=4 * c.vision_hidden_size,
                             num_hidden_layers=c.vision_layers, num_attention_heads=4,
-                            image_size=config.data.size, patch_size=patch_size,
+                            image_size=config.data.size, patch_size=c.patch_size,
                             projection_dim=c.projection_dim)
 
 
@@ -114,6 +114,38 @@ def pooled_states(clip: CLIPModel, tokenizer: SDTokenizer, texts: list[str],
     return torch.cat(out)
 
 
+def fit_contrastive(stage: str, config: TrainConfig, accelerator: Accelerator,
+                    loss_module: ContrastiveLoss, steps: int, texts: torch.Tensor,
+                    negatives: torch.Tensor | None, valid: torch.Tensor | None,
+                    data: ImageCaptionSet) -> torch.nn.Module:
+    """One contrastive phase: AdamW over the trainable parameters, cosine schedule, and per
+    step one hard negative per image drawn from its caption's (texts: what loss_module embeds
+    for example i, ids or rows; negatives (N, k, ...) and valid (N, k), or None). Returns the
+    prepared loss module."""
+    c = config.clip
+    k = 0 if negatives is None else negatives.shape[1]
+    params = [p for p in loss_module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=c.lr, weight_decay=0.1)
+    scheduler = cosine_with_warmup(optimizer, c.warmup_steps, steps)
+    loss_module, optimizer = accelerator.prepare(loss_module, optimizer)
+
+    def draw(n: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+        return {"which": torch.randint(0, max(k, 1), (n,), generator=g)}
+
+    def loss(idx, draws):
+        dev = accelerator.device
+        neg = ok = None
+        if k:
+            neg = negatives[idx, draws["which"]].to(dev)
+            ok = valid[idx, draws["which"]].to(dev)
+        with autocast(accelerator, c.mixed_precision):
+            return loss_module(texts[idx].to(dev), data.pixels(idx).to(dev), neg, ok)
+
+    Fit(stage, config, accelerator, loss_module, optimizer, scheduler, steps, c.batch_size,
+        len(data), draw=draw, loss=loss).run()
+    return loss_module
+
+
 def fit_image_side(config: TrainConfig, accelerator: Accelerator, clip: CLIPModel,
                    tokenizer: SDTokenizer, data: ImageCaptionSet) -> None:
     """Phase 2 of the clip stage (`clip.image_steps`): the image tower alone, against the frozen
@@ -122,14 +154,6 @@ def fit_image_side(config: TrainConfig, accelerator: Accelerator, clip: CLIPMode
     (which read the image tower) without changing any image the model generates."""
     c = config.clip
     k = c.image_hard_negatives
-    if c.image_patch_size and c.image_patch_size != clip.config.vision_config.patch_size:
-        # A fresh image tower with finer patches, trained against the frozen text tower alone
-        # (the text side of LiT, Zhai et al. 2022, with the roles of the towers swapped).
-        torch.manual_seed(config.seed + 1)
-        vision = vision_config(config, c.image_patch_size)
-        fresh = CLIPVisionModelWithProjection(vision)
-        clip.vision_model, clip.visual_projection = fresh.vision_model, fresh.visual_projection
-        clip.config.vision_config = vision
     captions = list(dict.fromkeys(data.captions))
     negs = {t: negatives_for(t, k, config.seed) for t in captions} if k else {}
     texts = list(dict.fromkeys(captions + [n for t in captions for n in negs.get(t, ()) if n]))
@@ -140,36 +164,20 @@ def fit_image_side(config: TrainConfig, accelerator: Accelerator, clip: CLIPMode
         neg_rows = torch.tensor([[row[n] if n else row[t] for n in negs[t]]
                                  for t in data.captions])                   # (N, k)
         neg_valid = torch.tensor([[n is not None for n in negs[t]] for t in data.captions])
-    loss_module = ImageSideLoss(clip.train(), pooled)
-    params = [p for p in clip.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=c.lr, weight_decay=0.1)
-    scheduler = cosine_with_warmup(optimizer, c.warmup_steps, c.image_steps)
-    loss_module, optimizer = accelerator.prepare(loss_module, optimizer)
-
-    def draw(n: int, g: torch.Generator) -> dict[str, torch.Tensor]:
-        return {"which": torch.randint(0, max(k, 1), (n,), generator=g)}
-
-    def loss(idx, draws):
-        dev = accelerator.device
-        negatives = valid = None
-        if k:
-            negatives = neg_rows[idx, draws["which"]].to(dev)
-            valid = neg_valid[idx, draws["which"]].to(dev)
-        with autocast(accelerator, c.mixed_precision):
-            return loss_module(cap_rows[idx].to(dev), data.pixels(idx).to(dev), negatives, valid)
-
-    Fit("clip-image", config, accelerator, loss_module, optimizer, scheduler, c.image_steps,
-        c.batch_size, len(data), draw=draw, loss=loss).run()
+    fit_contrastive("clip-image", config, accelerator, ImageSideLoss(clip.train(), pooled),
+                    c.image_steps, cap_rows, neg_rows if k else None,
+                    neg_valid if k else None, data)
     clip.text_model.requires_grad_(True)
 
 
 def train_clip(config: TrainConfig, accelerator: Accelerator, data: ImageCaptionSet) -> Path:
-    """Train the CLIP; write <output_dir>/clip/{text_encoder,tokenizer}."""
+    """Train the CLIP; write <output_dir>/clip/{text_encoder,tokenizer} and its towers
+    (image_encoder, feature_extractor, text_projection: ldm_engine.clip's layout)."""
     c = config.clip
     out = Path(config.output_dir) / "clip"
     torch.manual_seed(config.seed)
     model = CLIPModel(CLIPConfig(text_config=text_config(config).to_dict(),
-                                 vision_config=vision_config(config, c.patch_size).to_dict(),
+                                 vision_config=vision_config(config).to_dict(),
                                  projection_dim=c.projection_dim))
     tokenizer = SDTokenizer.from_bpe()
     full = tokenize_all(tokenizer, data.captions)
@@ -187,25 +195,8 @@ def train_clip(config: TrainConfig, accelerator: Accelerator, data: ImageCaption
         length = max(length, int((neg_ids == tokenizer.eos_id).int().argmax(-1).max()) + 1)
         neg_ids = neg_ids[..., :length].contiguous()
     ids = full[:, :length].contiguous()
-    loss_module = ContrastiveLoss(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=0.1)
-    scheduler = cosine_with_warmup(optimizer, c.warmup_steps, c.steps)
-    loss_module, optimizer = accelerator.prepare(loss_module, optimizer)
-
-    def draw(n: int, g: torch.Generator) -> dict[str, torch.Tensor]:
-        return {"which": torch.randint(0, max(k, 1), (n,), generator=g)}
-
-    def loss(idx, draws):
-        dev = accelerator.device
-        negatives = valid = None
-        if k:
-            negatives = neg_ids[idx, draws["which"]].to(dev)
-            valid = neg_valid[idx, draws["which"]].to(dev)
-        with autocast(accelerator, c.mixed_precision):
-            return loss_module(ids[idx].to(dev), data.pixels(idx).to(dev), negatives, valid)
-
-    Fit("clip", config, accelerator, loss_module, optimizer, scheduler, c.steps, c.batch_size,
-        len(data), draw=draw, loss=loss).run()
+    loss_module = fit_contrastive("clip", config, accelerator, ContrastiveLoss(model), c.steps,
+                                  ids, neg_ids if k else None, neg_valid if k else None, data)
     if c.image_steps:
         fit_image_side(config, accelerator, accelerator.unwrap_model(loss_module).clip,
                        tokenizer, data)
