@@ -388,3 +388,36 @@ def test_server_checks_rerank_before_queueing(tiny_dir, tiny_clip_dir, tmp_path)
         service.check(request.replace(rerank=1), num_images=1, model="tiny")
     finally:
         service.close()
+
+
+class _Reduce:
+    """An object whose unpickling calls func(*args)."""
+
+    def __init__(self, func, *args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return self.func, self.args
+
+
+def test_a_clip_pickle_with_code_needs_trust_pickle(inputs, tiny_clip, tmp_path, capsys):
+    """A .bin CLIP holding code is refused in one line and never run; --trust-pickle reaches
+    load_clip (the payload, a harmless touch, then runs, with the loader's warning)."""
+    import os
+
+    canary = tmp_path / "canary"
+    folder = tmp_path / "hf-clip"
+    tiny_clip.save_pretrained(folder)
+    (folder / "model.safetensors").unlink()
+    state = dict(tiny_clip.state_dict())
+    state["x"] = _Reduce(os.system, f"touch {canary}")
+    torch.save(state, folder / "pytorch_model.bin")
+    capsys.readouterr()                     # save_pretrained's own progress bar
+    argv = ["classify", str(inputs / "disc.png"), "--labels", "red,blue", "--clip", str(folder)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--trust-pickle" in err, err
+    assert not canary.exists()
+    main(argv + ["--trust-pickle"])
+    capsys.readouterr()
+    assert canary.exists()

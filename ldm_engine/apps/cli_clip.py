@@ -29,6 +29,8 @@ DEFAULT_TOP = 5
 CLIP_HELP = ("the CLIP: a model folder with an image encoder (image_encoder/, text_projection/), "
              "a transformers CLIPModel folder, or an open_clip checkpoint file (.safetensors; "
              ".pt/.bin are read without unpickling code)")
+TRUST_HELP = ("unpickle a .pt/.bin --clip file fully, running any code in it (only for files "
+              "from a source you trust; default: safe loading, which refuses them)")
 ARCH_HELP = ("the open_clip architecture of a --clip checkpoint file without an "
              "open_clip_config.json beside it, e.g. ViT-B-32 (read from an installed "
              "open_clip_torch's model configs)")
@@ -48,6 +50,7 @@ def add_rerank_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--clip", metavar="PATH",
                    help=CLIP_HELP + " (default: --model's own, if it has an image encoder)")
     g.add_argument("--clip-arch", metavar="NAME", help=ARCH_HELP)
+    g.add_argument("--trust-pickle", action="store_true", help=TRUST_HELP)
     g.add_argument("--save-candidates", action="store_true",
                    help="also write every candidate, best first: name-K-C.png for image K, "
                         "candidate rank C (each re-plays as a plain generation with its seed)")
@@ -105,7 +108,8 @@ def load_clip_arg(args: argparse.Namespace):
     from ldm_engine.precision import resolve_device
 
     kwargs = {"arch": args.clip_arch} if args.clip_arch else {}
-    return load_clip(args.clip, device=resolve_device(args.device), **kwargs)
+    return load_clip(args.clip, device=resolve_device(args.device),
+                     trust_pickle=getattr(args, "trust_pickle", False), **kwargs)
 
 
 def report_rerank(args: argparse.Namespace, result, outputs: list[Path]) -> None:
@@ -189,6 +193,7 @@ def _clip_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clip", metavar="PATH",
                    help=CLIP_HELP + " (default: the bundled model)")
     p.add_argument("--clip-arch", metavar="NAME", help=ARCH_HELP)
+    p.add_argument("--trust-pickle", action="store_true", help=TRUST_HELP)
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
 
