@@ -25,9 +25,7 @@ import json
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import safetensors.torch
 import torch
@@ -54,12 +52,6 @@ NEEDS_CLIP_HINT = ("reranking, zero-shot classification and CLIP scores need one
 _TEXT_BATCH = 256
 _IMAGE_BATCH = 32
 
-Resample = Literal["nearest", "bilinear", "bicubic"]
-# PIL's resampling filter numbers (what preprocessor_config.json stores) -> torch's modes. PIL's
-# LANCZOS (1), BOX (4) and HAMMING (5) have no torch kernel; bicubic is their nearest relative.
-_PIL_RESAMPLE: dict[int, Resample] = {0: "nearest", 1: "bicubic", 2: "bilinear", 3: "bicubic",
-                                      4: "bilinear", 5: "bilinear"}
-
 
 def image_processor_class():
     """transformers' PIL-backed CLIP image processor: ``CLIPImageProcessorPil`` in transformers
@@ -79,92 +71,6 @@ def make_image_processor(*, image_size: int, image_mean: Sequence[float],
         image_mean=list(image_mean), image_std=list(image_std), resample=resample,
         do_resize=True, do_center_crop=True, do_rescale=True, do_normalize=True,
         do_convert_rgb=True)
-
-
-# --- how pixels become the vision tower's input ------------------------------------------------
-
-def _field(size, key: str):
-    """A key of a processor's size dict (transformers 5's SizeDict, or a plain dict before)."""
-    if size is None:
-        return None
-    return size.get(key) if isinstance(size, dict) else getattr(size, key, None)
-
-
-@dataclass(frozen=True, kw_only=True)
-class ImagePrep:
-    """The image processor's transform, applied to (B, 3, H, W) pixels in [0, 1] in torch.
-
-    The same steps as the processor's PIL path (resize, centre crop, normalise), with torch's
-    antialiased kernels in place of PIL's (torch's antialiased bicubic is PIL's a = -0.5
-    kernel). One difference is on purpose: PIL resizes 8-bit pixels and rounds the result to
-    8 bits, the tensor path stays in floating point, so the two agree to about one 8-bit level
-    where a resize happens, and exactly where none does.
-    """
-
-    # Shortest edge to this (aspect kept, long edge int(s * long / short) as transformers
-    # computes it), or an exact (height, width); None: no resize.
-    resize: int | tuple[int, int] | None
-    crop: tuple[int, int] | None
-    resample: Resample
-    # Pixels in [0, 1] are first mapped to what rescaling the 8-bit pixels gives: x * 255 * rescale.
-    rescale: float
-    mean: tuple[float, float, float] | None
-    std: tuple[float, float, float] | None
-
-    @classmethod
-    def from_processor(cls, processor) -> ImagePrep:
-        size = processor.size if getattr(processor, "do_resize", True) else None
-        resize: int | tuple[int, int] | None = None
-        if _field(size, "shortest_edge"):
-            resize = int(_field(size, "shortest_edge"))
-        elif _field(size, "height") and _field(size, "width"):
-            resize = (int(_field(size, "height")), int(_field(size, "width")))
-        crop = None
-        if getattr(processor, "do_center_crop", False):
-            crop_size = processor.crop_size
-            crop = (int(_field(crop_size, "height")), int(_field(crop_size, "width")))
-        normalize = getattr(processor, "do_normalize", True)
-        resample = getattr(processor, "resample", 3)
-        return cls(
-            resize=resize, crop=crop,
-            resample=_PIL_RESAMPLE.get(int(resample) if resample is not None else 3, "bicubic"),
-            rescale=255.0 * float(processor.rescale_factor)
-            if getattr(processor, "do_rescale", True) else 255.0,
-            mean=tuple(float(v) for v in processor.image_mean) if normalize else None,
-            std=tuple(float(v) for v in processor.image_std) if normalize else None)
-
-    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [0, 1] -> (B, 3, crop_h, crop_w) normalised pixel values (float32)."""
-        x = pixels.float()
-        h, w = x.shape[-2:]
-        if isinstance(self.resize, int):
-            # transformers' shortest-edge rule: the short side becomes s, the long int(s*L/S).
-            short, long = (h, w) if h <= w else (w, h)
-            new_long = int(self.resize * long / short)
-            size = (self.resize, new_long) if h <= w else (new_long, self.resize)
-        else:
-            size = self.resize
-        if size is not None and tuple(size) != (h, w):
-            antialias = self.resample != "nearest"
-            x = F.interpolate(x, size=tuple(size), mode=self.resample,
-                              antialias=antialias, **({} if self.resample == "nearest"
-                                                      else {"align_corners": False}))
-            x = x.clamp(0.0, 1.0)       # bicubic overshoots; PIL clips to the 8-bit range too
-        if self.crop is not None:
-            ch, cw = self.crop
-            h, w = x.shape[-2:]
-            if ch > h or cw > w:         # the processor pads with zeros; so do we
-                pad_h, pad_w = max(ch - h, 0), max(cw - w, 0)
-                x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
-                h, w = x.shape[-2:]
-            top, left = int((h - ch) / 2.0), int((w - cw) / 2.0)
-            x = x[..., top:top + ch, left:left + cw]
-        x = x * self.rescale
-        if self.mean is not None:
-            mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-            std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-            x = (x - mean) / std
-        return x
 
 
 # --- input checks: one clear line, before any compute ------------------------------------------
@@ -277,7 +183,6 @@ class ClipModel:
         self.logit_scale = float(logit_scale)
         self.tokenizer = tokenizer
         self.processor = processor
-        self.prep = ImagePrep.from_processor(processor)
         param = next(self._vision.parameters())
         self.device: torch.device = param.device
         self.dtype: torch.dtype = param.dtype
@@ -361,11 +266,13 @@ class ClipModel:
         return F.normalize(torch.cat(out), dim=-1)
 
     def pixel_values(self, images: Images) -> torch.Tensor:
-        """The vision tower's input (N, 3, S, S): PIL images through the image processor, a
-        tensor of pixels in [0, 1] through the same steps in torch (``ImagePrep``)."""
+        """The vision tower's input (N, 3, S, S): the image processor's transform of the PIL
+        images, or of a [0, 1] pixel tensor rounded to the 8-bit images it stands for (what a
+        pipeline returns and a PNG holds), so both inputs take exactly one path."""
         images = _check_images(images)
         if isinstance(images, torch.Tensor):
-            return self.prep(images)
+            arr = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype("uint8")
+            images = [Image.fromarray(a) for a in arr]
         return self.processor(images=[im.convert("RGB") for im in images],
                               return_tensors="pt")["pixel_values"]
 

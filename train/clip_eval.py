@@ -29,9 +29,9 @@ EVAL_SEED = 20261201
 
 @dataclass(frozen=True)
 class ClipEval:
-    colour: float             # zero-shot colour accuracy, held-out one-object scenes
+    colour: float             # zero-shot colour accuracy, one-object scenes of the split
     shape: float              # zero-shot shape accuracy, same scenes
-    binding_colours: float    # P(caption beats its colour swap), held-out two-object scenes
+    binding_colours: float    # P(caption beats its colour swap), two-object scenes
     binding_shapes: float     # P(caption beats its shape swap), same
     n_single: int
     n_pairs: int
@@ -47,7 +47,7 @@ class ClipEval:
             f"{self.binding_shapes:.1%} |"])
 
 
-def heldout_scenes(n: int, objects: int, seed: int = EVAL_SEED,
+def scenes_with(n: int, objects: int, seed: int = EVAL_SEED,
                    split: Split = "heldout") -> list[Scene]:
     """n scenes of `split` with `objects` objects each (seeded; the same list every call)."""
     rng = np.random.default_rng(seed + objects)
@@ -63,7 +63,7 @@ def heldout_scenes(n: int, objects: int, seed: int = EVAL_SEED,
 def evaluate_clip(clip: ClipModel, *, size: int = 64, n_single: int = 300, n_pairs: int = 300,
                   seed: int = EVAL_SEED, split: Split = "heldout") -> ClipEval:
     rng = np.random.default_rng(seed)
-    singles = heldout_scenes(n_single, 1, seed, split)
+    singles = scenes_with(n_single, 1, seed, split)
     images = [render(s, size, rng=rng) for s in singles]
     colour_probs = clip.classify(images, list(OBJECT_COLOURS),
                                  templates=[f"a {{}} {shape}" for shape in SHAPES])
@@ -74,7 +74,7 @@ def evaluate_clip(clip: ClipModel, *, size: int = 64, n_single: int = 300, n_pai
     shape_ok = [SHAPES[int(k)] == s.objects[0].shape
                 for k, s in zip(shape_probs.argmax(-1), singles)]
 
-    pairs = heldout_scenes(n_pairs, 2, seed, split)
+    pairs = scenes_with(n_pairs, 2, seed, split)
     pair_images = [render(s, size, rng=rng) for s in pairs]
     wins = {}
     for kind in ("swap_colours", "swap_shapes"):
